@@ -1,0 +1,66 @@
+"""What the runner hands a stage: resolved params, where to read, where to write.
+
+A stage module (``pipeline/stages/<name>.py``) defines:
+
+- ``run(ctx: StageContext) -> None``: reads upstream artifacts through ``ctx.input(stage)``
+  and writes its outputs *only* under ``ctx.out`` (a fresh temporary directory; the runner
+  moves it to ``artifacts/<name>/`` once ``run`` returns, so a crash never leaves a
+  half-written artifact).
+- optionally ``external_deps(params: dict) -> list[Path]``: files outside ``artifacts/``
+  that the stage reads (e.g. the raw data files a ``data.source`` param points to); their
+  content hashes take part in staleness like any dep.
+- optionally ``inspect(artifact: Path, params: dict) -> str``: the human summary that
+  ``tca inspect <name>`` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def lookup(params: dict, key: str) -> Any:
+    """``lookup(p, "data.source")`` -> ``p["data"]["source"]``; KeyError names the key."""
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+@dataclass
+class StageContext:
+    name: str
+    params: dict  # the full resolved param tree (defaults + --set overrides)
+    out: Path  # temporary output directory, empty at start
+    artifacts: Path  # artifacts root; upstream outputs live in artifacts/<stage>/
+    device_request: str = "auto"  # --device: auto | cpu | cuda | cuda:1 ...
+
+    @property
+    def device(self) -> str:
+        """The torch device to use: a GPU when one is there and --device is auto."""
+        if self.device_request != "auto":
+            return self.device_request
+        import torch  # here, not at the top: `tca status` must not pay for importing torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def param(self, key: str) -> Any:
+        return lookup(self.params, key)
+
+    def section(self, name: str) -> dict:
+        """A whole param section (``ctx.section("data")``), ready for ``Config(**...)``."""
+        return dict(lookup(self.params, name))
+
+    def input(self, stage: str) -> Path:
+        return self.artifacts / stage
+
+    def log(self, msg: str) -> None:
+        tqdm.write(f"[{self.name}] {msg}")
+
+    def progress(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):
+        """A progress bar labelled with the stage name (tqdm; silent when not a terminal is fine)."""
+        return tqdm(iterable, total=total, desc=f"[{self.name}] {desc}".rstrip(), unit=unit, dynamic_ncols=True)

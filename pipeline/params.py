@@ -1,0 +1,74 @@
+"""Param trees: flattening, `--set` overrides (validated against the defaults), selection."""
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from tca.errors import TcaError
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"data": {"source": "x"}} -> {"data.source": "x"}: the form locks and reasons use."""
+    flat = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def select(flat: dict, declared: list[str]) -> dict:
+    """The values of the declared keys; a declared key may name a whole section (`cf`)."""
+    chosen = {}
+    for key in declared:
+        matches = {k: v for k, v in flat.items() if k == key or k.startswith(key + ".")}
+        if not matches:
+            raise TcaError(f"param `{key}` is declared by a stage but has no default in stages.yaml `params:`")
+        chosen.update(matches)
+    return dict(sorted(chosen.items()))
+
+
+def _coerce(key: str, text: str, default):
+    value = yaml.safe_load(text) if text.strip() else ""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise TcaError(f"--set {key}={text}: expected true or false")
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        raise TcaError(f"--set {key}={text}: expected a number like {default!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float):
+        raise TcaError(f"--set {key}={text}: expected an integer like {default!r}")
+    if isinstance(default, str):
+        return text  # keep the text as typed: `data.source=recbole:/x` or a numeric-looking id
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise TcaError(f"--set {key}={text}: expected a number like {default!r}")
+    if isinstance(default, list) and not isinstance(value, list):
+        raise TcaError(f"--set {key}={text}: expected a list like {default!r} (YAML syntax: [a, b])")
+    return value
+
+
+def apply_overrides(defaults: dict, assignments: list[str]) -> dict:
+    """Defaults with `key=value` overrides applied; an unknown key lists the valid ones."""
+    tree = copy.deepcopy(defaults)
+    flat = flatten(defaults)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TcaError(f"--set {assignment!r}: expected key=value, e.g. --set train.alpha=0.3")
+        if key not in flat:
+            valid = "\n  ".join(sorted(flat))
+            raise TcaError(f"--set {key}: unknown param. Valid params:\n  {valid}")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = _coerce(key, text, flat[key])
+    return tree

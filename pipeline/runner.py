@@ -1,0 +1,313 @@
+"""The stage runner: DVC-style staleness, atomic outputs, a lock file and a run cache.
+
+A stage is stale when it has no lock entry, or when its code, a dep (an upstream stage's
+artifacts or an external file), a declared param or one of its outputs differs from what
+`stages.lock` recorded, or when an upstream stage is stale. Outputs are written to a fresh
+temporary folder and moved into place; the lock entry is written last.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+
+from tca.errors import TcaError
+
+from .context import StageContext
+from .graph import Graph, Stage, load_graph
+from .hashing import HashCache, atomic_write_text
+from .params import apply_overrides, flatten, select
+from .runcache import RunCache
+
+
+@dataclass
+class Fingerprint:
+    """Everything a stage's outputs are a function of."""
+
+    code: dict[str, str]
+    deps: dict[str, str]
+    params: dict
+
+    @property
+    def key(self) -> str:
+        doc = json.dumps({"code": self.code, "deps": self.deps, "params": self.params}, sort_keys=True, default=str)
+        return hashlib.sha256(doc.encode()).hexdigest()[:24]
+
+
+def find_root(start: Path) -> Path:
+    """The nearest folder holding stages.yaml, from `start` upwards."""
+    for folder in [start, *start.parents]:
+        if (folder / "stages.yaml").exists():
+            return folder
+    raise TcaError(f"no stages.yaml in {start} or any parent folder; run tca from the project folder")
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+class Project:
+    def __init__(self, root: Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto"):
+        self.root = root.resolve()
+        self.graph: Graph = load_graph(self.root / "stages.yaml")
+        self.params = apply_overrides(self.graph.defaults, list(overrides))
+        self.flat = flatten(self.params)
+        self.device = device
+        self.artifacts = self.root / "artifacts"
+        self.lock_path = self.root / "stages.lock"
+        self.hashes = HashCache(self.artifacts / ".cache" / "hashes.json")
+        self.cache = RunCache(self.artifacts / ".cache" / "runs")
+        self._tree_memo: dict[Path, str] = {}
+        if str(self.root) not in sys.path:
+            sys.path.insert(0, str(self.root))
+
+    # ---------- inputs of staleness ----------
+
+    def lock(self) -> dict:
+        if not self.lock_path.exists():
+            return {}
+        try:
+            return yaml.safe_load(self.lock_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TcaError(f"{self.lock_path}: unreadable ({err}); delete it to rerun every stage") from err
+
+    def module(self, stage: Stage) -> ModuleType:
+        try:
+            return importlib.import_module(stage.entry)
+        except ImportError as err:
+            raise TcaError(f"{self.graph.path}: stage `{stage.name}` entry `{stage.entry}` cannot be imported: {err}") from err
+
+    def _tree(self, path: Path) -> str:
+        if path not in self._tree_memo:
+            self._tree_memo[path] = self.hashes.tree(path)
+        return self._tree_memo[path]
+
+    def code_files(self, stage: Stage) -> list[Path]:
+        files = [self.root / stage.module_path]
+        for entry in stage.code:
+            path = self.root / entry
+            if path.is_dir():
+                files.extend(sorted(path.rglob("*.py")))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise TcaError(f"{self.graph.path}: stage `{stage.name}` lists code `{entry}`, which does not exist")
+        return files
+
+    def fingerprint(self, stage: Stage) -> Fingerprint:
+        code = {p.relative_to(self.root).as_posix(): self.hashes.file(p) for p in self.code_files(stage)}
+        deps = {}
+        for dep in stage.deps:
+            path = self.artifacts / dep
+            if not path.exists():
+                raise TcaError(f"stage `{stage.name}` needs the outputs of `{dep}` ({path}), which do not exist; run `tca run-stage {dep}` or pass --upstream")
+            deps[f"stage:{dep}"] = self._tree(path)
+        external = getattr(self.module(stage), "external_deps", None)
+        for path in external(self.params) if external else []:
+            path = Path(path)
+            if not path.exists():
+                raise TcaError(f"stage `{stage.name}` reads {path}, which does not exist; check its params")
+            deps[f"file:{path}"] = self._tree(path)
+        return Fingerprint(code=code, deps=deps, params=select(self.flat, list(stage.params)))
+
+    def outputs(self, stage: Stage) -> dict[str, str | None]:
+        folder = self.artifacts / stage.name
+        return {out: self._tree(folder / out) if (folder / out).exists() else None for out in stage.outs}
+
+    # ---------- staleness ----------
+
+    def own_reasons(self, stage: Stage, entry: dict | None) -> list[str]:
+        """Why this stage, by itself, is stale (empty: up to date as far as it can tell)."""
+        if not entry:
+            return ["never run (no entry in stages.lock)"]
+        try:
+            fp = self.fingerprint(stage)
+        except TcaError as err:
+            return [str(err)]
+        reasons = []
+        old_code = entry.get("code", {})
+        for path in sorted(set(old_code) | set(fp.code)):
+            if old_code.get(path) != fp.code.get(path):
+                what = "added" if path not in old_code else "removed" if path not in fp.code else "changed"
+                reasons.append(f"code {what}: {path}")
+        old_deps = entry.get("deps", {})
+        for dep in sorted(set(old_deps) | set(fp.deps)):
+            if old_deps.get(dep) != fp.deps.get(dep):
+                kind, _, name = dep.partition(":")
+                label = f"outputs of `{name}`" if kind == "stage" else name
+                reasons.append(f"dep changed: {label}")
+        old_params = entry.get("params", {})
+        for key in sorted(set(old_params) | set(fp.params)):
+            if key not in old_params or key not in fp.params or old_params[key] != fp.params[key]:
+                reasons.append(f"param {key}: {old_params.get(key, '(unset)')!r} -> {fp.params.get(key, '(unset)')!r}")
+        old_outs = entry.get("outs", {})
+        for out, digest in self.outputs(stage).items():
+            if digest is None:
+                reasons.append(f"output missing: artifacts/{stage.name}/{out}")
+            elif digest != old_outs.get(out):
+                reasons.append(f"output modified: artifacts/{stage.name}/{out}")
+        return reasons
+
+    def status(self) -> dict[str, list[str]]:
+        """Stale stages in topological order, each with its reasons (upstream staleness included)."""
+        lock = self.lock()
+        stale: dict[str, list[str]] = {}
+        for name, stage in self.graph.stages.items():
+            reasons = self.own_reasons(stage, lock.get(name))
+            reasons += [f"upstream `{dep}` is stale" for dep in stage.deps if dep in stale]
+            if reasons:
+                stale[name] = reasons
+        self.hashes.save()
+        return stale
+
+    # ---------- running ----------
+
+    @contextmanager
+    def exclusive(self):
+        """One runner per project at a time (a second `tca run` waits for nothing: it fails)."""
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        with open(self.artifacts / ".runner.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TcaError(f"another tca process is running in {self.root}; wait for it to finish") from None
+            yield
+
+    def plan(self, targets: list[str] | None, force: bool = False, upstream: bool = False, downstream: bool = False) -> list[str]:
+        """The stages a run would consider, in order; refuses a stale upstream unless asked."""
+        if targets is None:
+            return list(self.graph.stages)
+        chosen: set[str] = set()
+        for name in targets:
+            self.graph.check_name(name)
+            chosen.add(name)
+            if downstream:
+                chosen.update(self.graph.downstream(name))
+            if upstream:
+                chosen.update(self.graph.upstream(name))
+        if not upstream:
+            stale = self.status()
+            for name in sorted(chosen):
+                for up in self.graph.upstream(name):
+                    if up in stale and up not in chosen:
+                        raise TcaError(
+                            f"cannot run `{name}`: upstream stage `{up}` is stale ({stale[up][0]}); "
+                            f"run `tca run-stage {up}` first, or pass --upstream to run it now"
+                        )
+        return [s for s in self.graph.stages if s in chosen]
+
+    def run(self, targets: list[str] | None = None, force: bool = False, upstream: bool = False,
+            downstream: bool = False, dry: bool = False, log=print) -> list[str]:
+        """Run what is stale among the planned stages (all of them with `force`); returns what ran."""
+        with self.exclusive():
+            order = self.plan(targets, force, upstream, downstream)
+            forced = set(order) if force and targets is None else set(targets or []) if force else set()
+            ran: list[str] = []
+            lock = self.lock()
+            for name in order:
+                stage = self.graph.stages[name]
+                reasons = ["--force"] if name in forced else self.own_reasons(stage, lock.get(name))
+                if not reasons:
+                    log(f"{name}: up to date")
+                    continue
+                if dry:
+                    log(f"{name}: would run ({'; '.join(reasons)})")
+                    ran.append(name)
+                    continue
+                log(f"{name}: running ({'; '.join(reasons)})")
+                self.execute(stage, use_cache=name not in forced, log=log)
+                lock = self.lock()
+                ran.append(name)
+            self.hashes.save()
+            return ran
+
+    def execute(self, stage: Stage, use_cache: bool = True, log=print) -> None:
+        fp = self.fingerprint(stage)
+        key = fp.key
+        scratch = self.artifacts / ".tmp"
+        for leftover in scratch.glob(f"{stage.name}-*"):  # from a run that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = scratch / f"{stage.name}-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        cached = self.cache.entry(stage.name, key) if use_cache else None
+        if cached is not None and not self._cache_intact(stage, key, cached):
+            self.cache.remove(stage.name, key)  # its files were edited in place through a hard link
+            cached = None
+        if cached is not None:
+            self.cache.restore(stage.name, key, tmp)
+        else:
+            ctx = StageContext(name=stage.name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device)
+            self.module(stage).run(ctx)
+        missing = [out for out in stage.outs if not (tmp / out).exists()]
+        if missing:
+            raise TcaError(f"stage `{stage.name}` did not write {', '.join(missing)} (declared in stages.yaml `outs`)")
+        final = self.artifacts / stage.name
+        old = scratch / f"{stage.name}-{os.getpid()}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self._tree_memo = {p: h for p, h in self._tree_memo.items() if not p.is_relative_to(final)}
+        entry = {"key": key, "code": fp.code, "deps": fp.deps, "params": fp.params, "outs": self.outputs(stage)}
+        if cached is None:
+            self.cache.save(stage.name, key, final, entry)
+        self._write_lock_entry(stage.name, entry)
+        took = time.perf_counter() - start
+        how = "restored from the run cache" if cached is not None else f"done in {took:.1f} s"
+        log(f"{stage.name}: {how}; wrote artifacts/{stage.name}/: " + ", ".join(self._describe(final / out) for out in stage.outs))
+
+    def _cache_intact(self, stage: Stage, key: str, entry: dict) -> bool:
+        kept = self.cache.output_dir(stage.name, key)
+        return all((kept / out).exists() and self.hashes.tree(kept / out) == entry["outs"].get(out) for out in stage.outs)
+
+    def _describe(self, path: Path) -> str:
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return f"{path.name} ({_human(size)})"
+
+    def _write_lock_entry(self, name: str, entry: dict) -> None:
+        lock = self.lock()
+        lock[name] = entry
+        ordered = {n: lock[n] for n in self.graph.stages if n in lock}
+        atomic_write_text(self.lock_path, yaml.safe_dump(ordered, sort_keys=False, width=200))
+
+    # ---------- maintenance ----------
+
+    def gc(self) -> tuple[int, int]:
+        """Remove run-cache entries the lock does not reference; returns (removed, kept)."""
+        lock = self.lock()
+        removed = kept = 0
+        for stage, key, _entry in self.cache.runs():
+            if lock.get(stage, {}).get("key") == key:
+                kept += 1
+            else:
+                self.cache.remove(stage, key)
+                removed += 1
+        shutil.rmtree(self.artifacts / ".tmp", ignore_errors=True)
+        self.hashes.entries.clear()
+        self.hashes.dirty = True
+        self.hashes.save()
+        return removed, kept
+
+    def artifact(self, name: str) -> Path:
+        self.graph.check_name(name)
+        path = self.artifacts / name
+        if not path.exists():
+            raise TcaError(f"{path} does not exist; run `tca run-stage {name}` (or `tca run`) first")
+        return path
+

@@ -1,0 +1,1 @@
+"""One module per stage: reads inputs, calls `tca/`, writes into `ctx.out`. I/O glue only."""

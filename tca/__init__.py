@@ -1,0 +1,1 @@
+"""tca4rec: token-level collaborative alignment for LLM-based generative recommendation."""
