@@ -1,7 +1,12 @@
 """`tca`: the command line. Parses, then calls pipeline/; nothing else lives here."""
 from __future__ import annotations
 
+import os
 import sys
+
+# torch's bundled OpenMP and the system one Numba loads would otherwise busy-wait against each
+# other (measured: CF scoring up to 20x slower on 2 loaded cores). Must precede importing torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import click
@@ -95,6 +100,19 @@ def inspect(stage, overrides):
         raise TcaError(f"stage `{stage}` has no inspect view; its files are in {path}")
     click.echo(describe(path, proj.params))
 
+
+@main.command()
+@click.option("--history", "titles", multiple=True, metavar="TITLE",
+              help='A title the person interacted with, oldest first (repeatable; an exact title or a unique part of one).')
+@click.option("--user", type=int, default=None, help="Use this user's latest interactions (a user id of the data stage) instead.")
+@click.option("--top-k", default=10, show_default=True, help="How many recommendations to print.")
+@set_option
+@device_option
+def recommend(titles, user, top_k, overrides, device):
+    """Print the trained LLM's top-k items after a history, with their scores."""
+    from pipeline.recommend import recommend as top_items
+
+    click.echo(top_items(project(overrides, device), list(titles), user, top_k))
 
 if __name__ == "__main__":
     main()

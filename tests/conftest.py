@@ -11,12 +11,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: before torch is imported
 
-from tca import base_model, gguf_convert
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tca import base_model, gguf_convert  # noqa: E402
 
 
 def _tokenizer_cache_key(gguf: Path) -> str:

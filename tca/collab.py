@@ -1,0 +1,98 @@
+"""The collaborative tokenizer: CF item scores -> sparse per-position token distributions q_t.
+
+For a sample with gold item g, position t of g's target ids has candidates C_t (the items whose
+ids start with y_<t); q_t puts on each next token v the CF softmax mass (over C_t) of the items
+whose next id is v. That turns an item-level CF model into token-level soft labels for the LLM.
+Scores come from the CF model in torch batches; the per-sample walk is a Numba kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from tca.cf import CFModel, pad_histories
+from tca.errors import TcaError
+from tca.kernels import count_entries, fill_entries
+from tca.trie import Trie
+
+CF_SOURCES = ("model", "uniform")
+
+
+@dataclass(frozen=True)
+class CollabConfig:
+    temperature: float = 1.0  # tau of the CF softmax; -> 0 puts all mass on the CF argmax path
+    top_k: int = 0  # keep the k largest entries per position (and the gold token); 0 keeps all
+    cf_source: str = "model"  # model | uniform (uniform over children: the paper's "w/o CT")
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise TcaError(f"tca.temperature: {self.temperature} must be > 0")
+        if self.top_k < 0:
+            raise TcaError(f"tca.top_k: {self.top_k} must be >= 0 (0 keeps every child)")
+        if self.cf_source not in CF_SOURCES:
+            raise TcaError(f"tca.cf_source: {self.cf_source!r} is not one of {', '.join(CF_SOURCES)}")
+
+
+@dataclass
+class TokenDist:
+    """q_t of a batch as CSR: samples -> positions -> entries (tokens ascending within a position)."""
+
+    sample_ptr: np.ndarray  # int64 [B + 1]: sample b's positions are sample_ptr[b]:sample_ptr[b + 1]
+    pos_ptr: np.ndarray  # int64 [P + 1]: position p's entries are pos_ptr[p]:pos_ptr[p + 1]
+    token: np.ndarray  # int32 [nnz]
+    prob: np.ndarray  # float32 [nnz]
+    dropped: np.ndarray  # float64 [P]: mass top_k removed before renormalizing (0 without top_k)
+
+
+def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: CollabConfig) -> TokenDist:
+    """q_t for every position of every sample (gold items `items`); scores: [B, N+1] CF scores by item id, None if uniform."""
+    items = np.asarray(items, dtype=np.int64)
+    rank = trie.item_rank[np.clip(items, 0, len(trie.item_rank) - 1)]
+    missing = (items < 0) | (items >= len(trie.item_rank)) | (rank < 0)
+    if missing.any():
+        raise TcaError(f"item id {items[missing][0]} is not in the trie; rerun the trie stage on the same data")
+    uniform = cfg.cf_source == "uniform"
+    if uniform:
+        scores = np.zeros((len(items), 0), dtype=np.float32)
+    else:
+        scores = np.ascontiguousarray(torch.as_tensor(scores).detach().float().cpu().numpy())  # one compiled signature
+        if scores.shape[0] != len(items) or scores.shape[1] <= trie.item_order.max():
+            raise TcaError(f"CF scores of shape {scores.shape} do not cover {len(items)} samples x item ids 0..{trie.item_order.max()}; "
+                           "the CF model and the trie come from different data: rerun the cf and trie stages")
+    n_pos, n_ent = count_entries(rank, cfg.top_k, trie.child_ptr, trie.child_node, trie.node_hi)
+    pos_start, ent_start = np.cumsum(n_pos) - n_pos, np.cumsum(n_ent) - n_ent
+    pos_end = np.empty(n_pos.sum(), dtype=np.int64)
+    token = np.empty(n_ent.sum(), dtype=np.int32)
+    prob = np.empty(n_ent.sum(), dtype=np.float32)
+    dropped = np.empty(n_pos.sum(), dtype=np.float64)
+    bad = np.zeros(len(items), dtype=np.bool_)
+    fill_entries(
+        scores, rank, pos_start, ent_start, 1.0 / cfg.temperature, uniform, cfg.top_k,
+        trie.child_ptr, trie.child_token, trie.child_node, trie.node_lo, trie.node_hi, trie.item_order,
+        pos_end, token, prob, dropped, bad,
+    )  # fmt: skip
+    if bad.any():
+        raise TcaError("the CF model returned NaN or infinite scores for some items; retrain it (the cf stage)")
+    return TokenDist(
+        sample_ptr=np.concatenate([[0], np.cumsum(n_pos)]),
+        pos_ptr=np.concatenate([[0], pos_end]),
+        token=token,
+        prob=prob,
+        dropped=dropped,
+    )
+
+
+def stream_token_dist(
+    trie: Trie, batches: Iterable[pl.DataFrame], model: CFModel | None, cfg: CollabConfig, device: str = "cpu"
+) -> Iterator[tuple[np.ndarray, TokenDist]]:
+    """(sample ids, q_t) per batch of samples (`sample_id`, `history`, `item_id`), CF-scored under no_grad."""
+    for df in batches:
+        scores = None
+        if cfg.cf_source == "model":
+            with torch.no_grad():
+                scores = model.score(pad_histories(df["history"], model.cfg.max_len).to(device))
+        yield df["sample_id"].to_numpy(), token_dist(trie, df["item_id"].to_numpy(), scores, cfg)
