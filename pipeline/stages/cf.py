@@ -1,0 +1,86 @@
+"""Stage `cf`: train the CF teacher on the whole train split; write model.pt and metrics.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from pipeline.context import StageContext
+from tca.errors import TcaError
+
+if TYPE_CHECKING:  # torch-backed: imported inside the functions so `tca status` stays fast
+    from tca.cf.train import Samples
+
+
+def read_splits(data: Path, max_len: int) -> tuple[int, dict[str, Samples]]:
+    """Number of items and the train/valid/test samples of the data artifact."""
+    from tca.cf.train import Samples
+
+    item_ids = pl.read_parquet(data / "items.parquet", columns=["item_id"])["item_id"]
+    n_items = len(item_ids)
+    if n_items == 0 or item_ids.min() != 1 or item_ids.max() != n_items:
+        raise TcaError(f"{data / 'items.parquet'}: item_id must be exactly 1..N; rerun the data stage")
+    splits = {}
+    for split in ("train", "valid", "test"):
+        path = data / f"{split}.parquet"
+        try:
+            splits[split] = Samples.from_frame(pl.read_parquet(path, columns=["history", "item_id", "user_id", "timestamp"]), max_len)
+        except pl.exceptions.ColumnNotFoundError as e:
+            raise TcaError(f"{path}: needs columns history and item_id ({e}); rerun the data stage") from e
+    return n_items, splits
+
+
+def run(ctx: StageContext) -> None:
+    from tca.cf.base import CFConfig
+    from tca.cf.registry import save_checkpoint
+    from tca.cf.train import evaluate, evaluate_popularity, train_cf
+
+    cfg = CFConfig.from_params(ctx.section("cf"))
+    n_items, splits = read_splits(ctx.input("data"), cfg.max_len)
+    splits["test"].check(n_items, "test")
+    ctx.log(f"{cfg.model} ({cfg.loss}) on {len(splits['train'])} train samples, {n_items} items, device {ctx.device}")
+    model, result = train_cf(cfg, n_items, splits["train"], splits["valid"], ctx.device)
+    ctx.log(f"best valid ndcg@10 {result.best_valid['ndcg@10']:.4f} at epoch {result.best_epoch}/{result.epochs} ({result.seconds:.0f} s)")
+    test = splits["test"].to(ctx.device)
+    metrics = {
+        "test": evaluate(model, test),
+        "valid": result.best_valid,
+        "popularity": {"test": evaluate_popularity(splits["train"], test, n_items)},
+    }
+    save_checkpoint(model, ctx.out / "model.pt")
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    ctx.log(f"wrote model.pt, metrics.json (test ndcg@10 {metrics['test']['ndcg@10']:.4f}, popularity {metrics['popularity']['test']['ndcg@10']:.4f})")
+
+
+def inspect(artifact_dir: Path, params: dict) -> str:
+    """Metrics table, then one test sample: its history titles and the model's top-10 titles."""
+    import torch
+
+    from tca.cf.registry import load_checkpoint
+    from tca.cf.train import Samples
+
+    metrics = json.loads((artifact_dir / "metrics.json").read_text())
+    rows = {"test": metrics["test"], "valid": metrics["valid"], "popularity (test)": metrics["popularity"]["test"]}
+    keys = list(metrics["test"])
+    lines = [f"{'':<18}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{name:<18}" + "".join(f"{m[k]:>9.4f}" for k in keys) for name, m in rows.items()]
+
+    model = load_checkpoint(artifact_dir / "model.pt")
+    data = artifact_dir.parent / "data"
+    titles = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()
+    sample = pl.read_parquet(data / "test.parquet").row(0, named=True)
+    history = Samples.from_frame(pl.DataFrame({"history": [sample["history"]], "item_id": [sample["item_id"]]}), model.cfg.max_len)
+    with torch.no_grad():
+        top = model.score(history.history).topk(10).indices[0].tolist()
+    lines += [
+        "",
+        f"model: {model.cfg.model} (loss {model.cfg.loss}, {model.n_items} items)",
+        f"test sample {sample['sample_id']} (user {sample['user_id']}), history oldest first:",
+        *(f"  {titles[i - 1]}" for i in sample["history"]),
+        f"target: {titles[sample['item_id'] - 1]}",
+        "CF top-10:",
+        *(f"  {r + 1:>2}. {titles[i - 1]}{'  <- target' if i == sample['item_id'] else ''}" for r, i in enumerate(top)),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The one interface every CF model implements, so that "any CF model" plugs into TCA4Rec.
+
+Input convention: a history is a LongTensor [B, L] of item ids, LEFT-padded with 0, the most
+recent item in the last column. Left padding puts every user's latest item at the same column,
+which is where causal and masked encoders read the user representation; models count positions
+from the right, so extra left padding never changes a score. `pad_histories` turns a list
+column (oldest first) into that tensor.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from tca.errors import TcaError
+
+
+@dataclass
+class CFConfig:
+    """The `cf:` param section: which model, its size, its loss and how it is trained."""
+
+    model: str = "sasrec"  # registered name or module:Class
+    loss: str = "ce"  # ce: full softmax over items | bce: one sampled negative per positive
+    hidden: int = 64
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    max_len: int = 10  # most recent history items the model reads
+    mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    seed: int = 42
+
+    @classmethod
+    def from_params(cls, params: dict) -> "CFConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TcaError(f"cf.{unknown[0]}: unknown param; the cf section accepts {sorted(known)}")
+        cfg = cls(**params)
+        if cfg.loss not in ("ce", "bce"):
+            raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce or bce")
+        if cfg.hidden % cfg.heads:
+            raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
+        if not 0 < cfg.mask_prob <= 1:
+            raise TcaError(f"cf.mask_prob: {cfg.mask_prob} must be in (0, 1]")
+        for key in ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "patience"):
+            if getattr(cfg, key) < 1:
+                raise TcaError(f"cf.{key}: {getattr(cfg, key)} must be >= 1")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pad_histories(histories, max_len: int) -> torch.Tensor:
+    """List column (oldest first) -> LongTensor [B, max_len], left-padded with 0, last max_len items kept."""
+    s = histories if isinstance(histories, pl.Series) else pl.Series(list(histories), dtype=pl.List(pl.Int64))
+    s = s.list.tail(max_len)
+    lens = s.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = s.explode().drop_nulls().to_numpy()
+    if len(flat) != lens.sum():
+        raise TcaError("history lists contain null item ids; rerun the data stage")
+    row = np.repeat(np.arange(len(lens)), lens)
+    offset_in_row = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    out = np.zeros((len(lens), max_len), dtype=np.int64)
+    out[row, max_len - lens[row] + offset_in_row] = flat
+    return torch.from_numpy(out)
+
+
+class CFModel(nn.Module, ABC):
+    """A CF model TCA4Rec can learn from: a user vector from a history, item vectors, scores.
+
+    Built as `Class(n_items, cfg)`. A batch is `{"history": [B, L] left-padded, "target": [B]}`.
+    Column 0 of `score` (padding) is -inf so it is never recommended.
+    """
+
+    def __init__(self, n_items: int, cfg: CFConfig):
+        super().__init__()
+        self.n_items = n_items
+        self.cfg = cfg
+
+    @abstractmethod
+    def encode_users(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] left-padded history -> [B, d] user representation."""
+
+    @abstractmethod
+    def item_embeddings(self) -> torch.Tensor:
+        """[N+1, d] item representations; row 0 is padding."""
+
+    @abstractmethod
+    def calculate_loss(self, batch: dict) -> torch.Tensor:
+        """Scalar training loss of one batch."""
+
+    def score(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, N+1] scores of every item (dot product); the padding column is -inf."""
+        scores = self.encode_users(history) @ self.item_embeddings().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        """RecBole-style: the sequence representation, i.e. `encode_users`."""
+        return self.encode_users(history)
+
+    def full_sort_predict(self, batch: dict) -> torch.Tensor:
+        """RecBole-style: scores of all items for a batch."""
+        return self.score(batch["history"])

@@ -1,0 +1,21 @@
+"""Next-item losses shared by the CF models: full softmax (ce) or one sampled negative (bce)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_negatives(positives: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One item per positive, uniform over 1..N without the positive itself (vectorized)."""
+    neg = torch.randint(1, n_items, positives.shape, device=positives.device)  # 1..N-1
+    return neg + (neg >= positives).long()
+
+
+def next_item_loss(states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, loss: str) -> torch.Tensor:
+    """states [M, d] predict targets [M] (ids 1..N) against item vectors items [N+1, d]."""
+    if loss == "ce":
+        return F.cross_entropy(states @ items[1:].T, targets - 1)
+    negatives = sample_negatives(targets, items.shape[0] - 1)
+    pos = (states * items[targets]).sum(-1)
+    neg = (states * items[negatives]).sum(-1)
+    return (F.softplus(-pos) + F.softplus(neg)).mean()

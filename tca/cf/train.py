@@ -1,0 +1,146 @@
+"""The CF training loop: shuffled mini-batches, Adam, early stopping on valid NDCG@10."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from tca.cf.base import CFConfig, CFModel, pad_histories
+from tca.cf.registry import build
+from tca.errors import TcaError
+from tca.metrics import popularity_scores, ranking_metrics, target_ranks
+
+EVAL_BATCH = 1024
+
+
+@dataclass
+class Samples:
+    """One split as tensors: left-padded histories [S, max_len], targets [S] and, for training,
+    each sample's distance from its user's latest sample (0 = latest; from `user_id`, `timestamp`)."""
+
+    history: torch.Tensor
+    target: torch.Tensor
+    from_end: torch.Tensor | None = None
+
+    @classmethod
+    def from_frame(cls, df: pl.DataFrame, max_len: int) -> "Samples":
+        from_end = None
+        if {"user_id", "timestamp"} <= set(df.columns):
+            ranked = (
+                df.select("user_id", "timestamp").with_row_index("row")
+                .sort("user_id", "timestamp", "row")
+                .with_columns(from_end=pl.len().over("user_id") - 1 - pl.int_range(pl.len()).over("user_id"))
+                .sort("row")
+            )
+            from_end = torch.from_numpy(ranked["from_end"].to_numpy().astype("int64"))
+        target = torch.from_numpy(df["item_id"].to_numpy().astype("int64"))
+        return cls(pad_histories(df["history"], max_len), target, from_end)
+
+    def windows(self, generator: torch.Generator) -> torch.Tensor:
+        """Indices of one epoch's training samples: each user's sequence cut into windows.
+
+        A sample (history + target) is a window of the user's chronological sequence; every
+        `width`-th sample of a user (width = history length) tiles it, so each interaction is
+        a label once per epoch, at every position (SASRec). The tiling's phase is random per
+        epoch, so an item is seen after contexts of every length; each user's latest sample is
+        always added, so the phase never drops the most recent interactions (they may then
+        count twice). Without user ids every sample is a window.
+        """
+        if self.from_end is None:
+            return torch.arange(len(self))
+        width = max(int((self.history > 0).sum(dim=1).max()), 1)
+        phase = torch.randint(width, (), generator=generator)
+        return torch.nonzero(((self.from_end + phase) % width == 0) | (self.from_end == 0)).squeeze(1)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def check(self, n_items: int, name: str) -> None:
+        """Fail before training on ids the model cannot embed, or on an empty split."""
+        if len(self) == 0:
+            raise TcaError(f"{name} split is empty: loosen the data.* filters or use a larger dataset")
+        for what, ids, low in (("history", self.history, 0), ("item_id", self.target, 1)):
+            bad = (ids < low) | (ids > n_items)
+            if bad.any():
+                raise TcaError(
+                    f"{name} split: {what} holds item id {ids[bad][0].item()} outside {low}..{n_items} "
+                    "(the items table has N items); rerun the data stage"
+                )
+
+    def to(self, device: str) -> "Samples":
+        moved = None if self.from_end is None else self.from_end.to(device)
+        return Samples(self.history.to(device), self.target.to(device), moved)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict
+    epochs: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+@torch.no_grad()
+def evaluate(model: CFModel, samples: Samples) -> dict[str, float]:
+    """Full-ranking HR@k / NDCG@k of the model on every sample (no history masking)."""
+    model.eval()
+    ranks = [
+        target_ranks(model.score(samples.history[i : i + EVAL_BATCH]), samples.target[i : i + EVAL_BATCH])
+        for i in range(0, len(samples), EVAL_BATCH)
+    ]
+    return ranking_metrics(torch.cat(ranks))
+
+
+def evaluate_popularity(train: Samples, samples: Samples, n_items: int) -> dict[str, float]:
+    return ranking_metrics(target_ranks(popularity_scores(train.target, n_items).to(samples.target.device), samples.target))
+
+
+def train_epoch(model: CFModel, opt: torch.optim.Optimizer, train: Samples, batch_size: int, gen: torch.Generator) -> float:
+    """One pass over this epoch's windows in shuffled mini-batches; returns the mean loss."""
+    model.train()
+    windows = train.windows(gen).cpu()
+    order = windows[torch.randperm(len(windows), generator=gen)].to(train.target.device)
+    total = torch.zeros((), device=train.target.device)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        loss = model.calculate_loss({"history": train.history[idx], "target": train.target[idx]})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach() * len(idx)
+    return total.item() / len(order)
+
+
+def fit(model: CFModel, train: Samples, valid: Samples, cfg: CFConfig, desc: str = "cf") -> FitResult:
+    """Train until valid NDCG@10 has not improved for cfg.patience epochs; keep the best state."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    best, best_state, best_epoch, losses = None, None, 0, []
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        losses.append(train_epoch(model, opt, train, cfg.batch_size, gen))
+        metrics = evaluate(model, valid)
+        if best is None or metrics["ndcg@10"] > best["ndcg@10"]:
+            best, best_epoch, best_state = metrics, epoch, copy.deepcopy(model.state_dict())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", ndcg10=f"{metrics['ndcg@10']:.4f}", best=f"{best['ndcg@10']:.4f}@{best_epoch}")
+        if epoch - best_epoch >= cfg.patience:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_epoch, best, epoch, time.perf_counter() - start, losses)
+
+
+def train_cf(cfg: CFConfig, n_items: int, train: Samples, valid: Samples, device: str = "cpu") -> tuple[CFModel, FitResult]:
+    """Check the data, build the model under cfg.seed, and fit it on `device`."""
+    train.check(n_items, "train")
+    valid.check(n_items, "valid")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg, n_items).to(device)
+    return model, fit(model, train.to(device), valid.to(device), cfg, desc=f"cf {cfg.model}/{cfg.loss}")

@@ -1,0 +1,299 @@
+"""CF models: the interface contract (every registered model and an external plugin), training,
+checkpoints, bad input, and the `cf` stage on a small synthetic dataset with a planted pattern."""
+import json
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from torch import nn
+
+from pipeline.context import StageContext
+from pipeline.stages import cf as cf_stage
+from tca.cf.base import CFConfig, CFModel, pad_histories
+from tca.cf.loss import next_item_loss, sample_negatives
+from tca.cf.registry import MODELS, build, load_checkpoint, resolve, save_checkpoint
+from tca.cf.train import Samples, evaluate, evaluate_popularity, train_cf
+from tca.errors import TcaError
+
+N_ITEMS, HIST = 40, 6
+
+
+class MeanPool(CFModel):
+    """An external model: the user is the mean of the history's item vectors."""
+
+    def __init__(self, n_items, cfg):
+        super().__init__(n_items, cfg)
+        self.emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
+
+    def encode_users(self, history):
+        history = history[:, -self.cfg.max_len :]
+        return self.emb(history).sum(1) / (history > 0).sum(1, keepdim=True).clamp(min=1)
+
+    def item_embeddings(self):
+        return self.emb.weight
+
+    def calculate_loss(self, batch):
+        return next_item_loss(self.encode_users(batch["history"]), batch["target"], self.emb.weight, self.cfg.loss)
+
+
+class Incomplete(CFModel):
+    def encode_users(self, history):
+        return history.float()
+
+    def item_embeddings(self):
+        return torch.zeros(1, 1)
+
+
+class NotAModel(nn.Module):
+    pass
+
+
+ALL_MODELS = [*MODELS, f"{__name__}:MeanPool"]
+
+
+def tiny(**kw) -> CFConfig:
+    base = dict(hidden=16, blocks=1, heads=2, dropout=0.0, max_len=HIST, batch_size=32, max_epochs=3, patience=2, lr=1e-2)
+    return CFConfig(**{**base, **kw})
+
+
+def planted_frames(n_users=150, length=22, seed=0) -> dict[str, pl.DataFrame]:
+    """Users follow a hidden item permutation (next = perm[prev]) 90% of the time; item 1..10
+    are extra popular as random picks, so popularity is a real but weak baseline."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(N_ITEMS) + 1
+    seq = np.zeros((n_users, length), np.int64)
+    seq[:, 0] = rng.integers(1, N_ITEMS + 1, n_users)
+    for t in range(1, length):
+        noise = np.where(rng.random(n_users) < 0.5, rng.integers(1, 11, n_users), rng.integers(1, N_ITEMS + 1, n_users))
+        seq[:, t] = np.where(rng.random(n_users) < 0.9, perm[seq[:, t - 1] - 1], noise)
+    t = np.repeat(np.arange(HIST, length), n_users)
+    u = np.tile(np.arange(n_users), length - HIST)
+    df = pl.DataFrame(
+        {
+            "user_id": u,
+            "history": [seq[ui, ti - HIST : ti].tolist() for ui, ti in zip(u, t)],
+            "item_id": seq[u, t].astype(np.int32),
+            "timestamp": t * 1000 + u,
+        },
+        schema_overrides={"history": pl.List(pl.Int32)},
+    ).sort("timestamp").with_row_index("sample_id")
+    pos = df["timestamp"] // 1000
+    return {
+        "train": df.filter(pos < length - 4),
+        "valid": df.filter((pos >= length - 4) & (pos < length - 2)),
+        "test": df.filter(pos >= length - 2),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds sync cost (and spins on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return planted_frames()
+
+
+@pytest.fixture(scope="module")
+def batch(frames):
+    s = Samples.from_frame(frames["train"].head(64), HIST)
+    return {"history": s.history, "target": s.target}
+
+
+def test_pad_histories_left_pads_and_keeps_latest():
+    got = pad_histories([[1, 2, 3], [], list(range(4, 15))], 5)
+    assert got.dtype == torch.long
+    assert got.tolist() == [[0, 0, 1, 2, 3], [0, 0, 0, 0, 0], [10, 11, 12, 13, 14]]
+    series = pl.Series([[7, 8], [9]], dtype=pl.List(pl.Int32))
+    assert pad_histories(series, 3).tolist() == [[0, 7, 8], [0, 0, 9]]
+
+
+@pytest.mark.parametrize("spec", ALL_MODELS)
+def test_interface_contract(spec, batch):
+    torch.manual_seed(0)
+    model = build(tiny(model=spec), N_ITEMS).eval()
+    h = batch["history"][:8]
+    with torch.no_grad():
+        users, items, scores = model.encode_users(h), model.item_embeddings(), model.score(h)
+        assert users.shape == (8, 16) and items.shape == (N_ITEMS + 1, 16)
+        assert scores.shape == (8, N_ITEMS + 1)
+        assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+        assert scores.argmax(1).min() >= 1  # padding is never recommended
+        torch.testing.assert_close(scores[:, 1:], (users @ items.T)[:, 1:])
+        assert torch.equal(model.full_sort_predict({"history": h}), scores)
+        assert torch.equal(model(h), users)
+    loss = model.train().calculate_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+@pytest.mark.parametrize("spec", ALL_MODELS)
+def test_padding_and_truncation_do_not_change_scores(spec, batch):
+    torch.manual_seed(0)
+    model = build(tiny(model=spec), N_ITEMS).eval()
+    h = batch["history"][:8].clone()
+    h[0, :3] = 0  # one short history
+    wider = torch.cat([torch.zeros(8, 5, dtype=torch.long), h], dim=1)  # extra left padding
+    longer = torch.cat([torch.randint(1, N_ITEMS + 1, (8, 3)), h], dim=1)  # items beyond max_len
+    narrower = h[:, 3:]  # the short row loses nothing but padding; others lose items
+    with torch.no_grad():
+        ref = model.score(h)
+        torch.testing.assert_close(model.score(wider), ref)
+        torch.testing.assert_close(model.score(longer), ref)
+        torch.testing.assert_close(model.score(narrower)[0], ref[0])
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+@pytest.mark.parametrize("spec", ALL_MODELS)
+def test_training_steps_reduce_loss(spec, loss, batch):
+    torch.manual_seed(0)
+    model = build(tiny(model=spec, loss=loss), N_ITEMS).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        value = model.calculate_loss(batch)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_negative_sampling_never_returns_the_positive():
+    torch.manual_seed(0)
+    pos = torch.randint(1, 6, (20000,))
+    neg = sample_negatives(pos, 5)
+    assert (neg != pos).all() and neg.min() == 1 and neg.max() == 5
+    counts = torch.bincount(neg[pos == 3], minlength=6)[1:].double()
+    assert counts[2] == 0 and (counts[[0, 1, 3, 4]] / counts.sum() - 0.25).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("spec", ALL_MODELS)
+def test_checkpoint_round_trip_gives_identical_scores(spec, batch, tmp_path):
+    torch.manual_seed(0)
+    model = build(tiny(model=spec), N_ITEMS)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.calculate_loss(batch).backward()
+    opt.step()  # move away from the init
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    assert type(loaded) is type(model) and loaded.cfg == model.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded.score(batch["history"]), model.eval().score(batch["history"]))
+
+
+def test_registry_errors():
+    with pytest.raises(TcaError, match="neither a registered model"):
+        resolve("nope")
+    with pytest.raises(TcaError, match="cannot import module"):
+        resolve("no_such_module_xyz:Model")
+    with pytest.raises(TcaError, match="not a subclass"):
+        resolve(f"{__name__}:NotAModel")
+    with pytest.raises(TcaError, match="not a subclass"):
+        resolve(f"{__name__}:Missing")
+    with pytest.raises(TcaError, match="does not implement calculate_loss"):
+        resolve(f"{__name__}:Incomplete")
+    assert resolve(f"{__name__}:MeanPool") is MeanPool
+
+
+def test_config_errors():
+    with pytest.raises(TcaError, match="cf.hiden: unknown param"):
+        CFConfig.from_params({"hiden": 3})
+    with pytest.raises(TcaError, match="cf.loss"):
+        CFConfig.from_params({"loss": "bpr"})
+    assert CFConfig.from_params({"loss": "bce"}).loss == "bce"
+
+
+def test_bad_input_stops_before_training(frames):
+    train = Samples.from_frame(frames["train"], HIST)
+    valid = Samples.from_frame(frames["valid"], HIST)
+    bad = Samples(train.history.clone(), train.target, train.from_end)
+    bad.history[5, -1] = N_ITEMS + 1
+    with pytest.raises(TcaError, match=f"train split: history holds item id {N_ITEMS + 1} outside 0..{N_ITEMS}"):
+        train_cf(tiny(), N_ITEMS, bad, valid)
+    empty = Samples.from_frame(frames["train"].head(0), HIST)
+    with pytest.raises(TcaError, match="train split is empty"):
+        train_cf(tiny(), N_ITEMS, empty, valid)
+
+
+def test_windows_cover_each_users_sequence_once_per_epoch(frames):
+    df = frames["train"]
+    s = Samples.from_frame(df, HIST)
+    later = df.select((pl.col("timestamp").rank("ordinal", descending=True).over("user_id") - 1).alias("r"))["r"]
+    assert s.from_end.tolist() == later.to_list()
+    targets = df.group_by("user_id").agg((pl.col("timestamp") // 1000).alias("p"))  # sequence positions
+    expected = {row["user_id"]: sorted(row["p"]) for row in targets.iter_rows(named=True)}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        chosen = df[s.windows(gen).numpy()]
+        labels: dict[int, list[int]] = {}
+        for u, t in zip(chosen["user_id"].to_list(), (chosen["timestamp"] // 1000).to_list()):
+            labels.setdefault(u, []).extend(range(t - HIST + 1, t + 1))  # history[1:] + target
+        for u, positions in expected.items():
+            got = Counter(p for p in labels[u] if p >= positions[0])
+            assert sorted(got) == positions  # every training target is a label ...
+            assert all(n == 1 for p, n in got.items() if p <= positions[-1] - HIST)  # ... once, but the latest window
+
+
+def test_training_is_deterministic_under_a_seed(frames):
+    train, valid = (Samples.from_frame(frames[s], HIST) for s in ("train", "valid"))
+    cfg = tiny(max_epochs=2, dropout=0.2)
+    a, _ = train_cf(cfg, N_ITEMS, train, valid)
+    b, _ = train_cf(cfg, N_ITEMS, train, valid)
+    with torch.no_grad():
+        assert torch.equal(a.score(valid.history), b.score(valid.history))
+
+
+@pytest.mark.parametrize("spec", ["sasrec", "bert4rec"])
+def test_models_learn_the_planted_pattern(spec, frames):
+    train, valid, test = (Samples.from_frame(frames[s], HIST) for s in ("train", "valid", "test"))
+    model, result = train_cf(tiny(model=spec, hidden=32, max_epochs=40, patience=4), N_ITEMS, train, valid)
+    ndcg, pop = evaluate(model, test)["ndcg@10"], evaluate_popularity(train, test, N_ITEMS)["ndcg@10"]
+    assert result.losses[-1] < result.losses[0]
+    assert ndcg > 0.6 and ndcg > 2 * pop, (ndcg, pop, result.best_epoch)
+
+
+def write_data_artifact(root, frames):
+    data = root / "data"
+    data.mkdir(parents=True)
+    titles = [f"Movie {i} ({1950 + i})" for i in range(1, N_ITEMS + 1)]
+    pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": titles}).write_parquet(data / "items.parquet")
+    for name, df in frames.items():
+        df.write_parquet(data / f"{name}.parquet")
+    return data
+
+
+def test_stage_run_and_inspect(frames, tmp_path):
+    write_data_artifact(tmp_path / "artifacts", frames)
+    params = {"cf": tiny(max_epochs=2).to_dict()}
+    out = tmp_path / "out"
+    out.mkdir()
+    cf_stage.run(StageContext("cf", params, out, tmp_path / "artifacts"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"test", "valid", "popularity"} and set(metrics["popularity"]) == {"test"}
+    assert set(metrics["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (1, 5, 10)}
+    test = Samples.from_frame(frames["test"], HIST)
+    assert evaluate(load_checkpoint(out / "model.pt"), test) == metrics["test"]
+
+    (tmp_path / "artifacts" / "cf").symlink_to(out)
+    text = cf_stage.inspect(tmp_path / "artifacts" / "cf", params)
+    first = frames["test"].row(0, named=True)
+    history_part, top_part = text.split("CF top-10:\n")
+    assert "ndcg@10" in history_part and f"  Movie {first['history'][0]} ({1950 + first['history'][0]})\n" in history_part
+    assert len(top_part.splitlines()) == 10 and all("Movie" in line for line in top_part.splitlines())
+
+
+def test_stage_rejects_a_bad_items_table(frames, tmp_path):
+    data = write_data_artifact(tmp_path / "artifacts", frames)
+    pl.DataFrame({"item_id": [2, 3], "title": ["a", "b"]}).write_parquet(data / "items.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TcaError, match="item_id must be exactly 1..N"):
+        cf_stage.run(StageContext("cf", {"cf": tiny().to_dict()}, out, tmp_path / "artifacts"))
