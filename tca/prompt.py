@@ -55,12 +55,15 @@ class PromptBuilder:
         self.piece_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
         self.HEAD, self.SEP, self.TAIL = self.n_items, self.n_items + 1, self.n_items + 2
 
+    def _check(self, history: np.ndarray) -> None:
+        if len(history) and (history.min() < 1 or history.max() >= self.n_items):
+            raise TcaError(f"history item ids must be in 1..{self.n_items - 1}")
+
     def build(self, history: np.ndarray, hist_len: np.ndarray) -> Prompts:
         """Prompts for ragged histories: `history` is the flat item ids, `hist_len` the count per sample."""
         history = np.asarray(history, dtype=np.int64)
         hist_len = np.asarray(hist_len, dtype=np.int64)
-        if len(history) and (history.min() < 1 or history.max() >= self.n_items):
-            raise TcaError(f"history item ids must be in 1..{self.n_items - 1}")
+        self._check(history)
         n_pieces = 2 * hist_len + 1 + (hist_len == 0)  # head, k items, k-1 seps, tail
         sample, col = ragged_index(n_pieces)
         last = (n_pieces - 1)[sample]
@@ -74,3 +77,19 @@ class PromptBuilder:
         lengths = np.bincount(sample, weights=lens, minlength=len(hist_len)).astype(np.int64)
         ends = np.cumsum(lens) - np.repeat(np.cumsum(lengths) - lengths, n_pieces)  # position after each piece
         return Prompts(ids=ids, lengths=lengths, item_end=ends[is_item])
+
+    def fit(self, history: np.ndarray, hist_len: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The newest items of each ragged history whose prompt has at most `budget` tokens (per sample)."""
+        history = np.asarray(history, dtype=np.int64)
+        hist_len = np.asarray(hist_len, dtype=np.int64)
+        budget = np.broadcast_to(np.asarray(budget, dtype=np.int64), hist_len.shape)
+        empty = self.piece_len[self.HEAD] + self.piece_len[self.TAIL]
+        if (budget < empty).any():
+            raise TcaError(f"a prompt without any history already needs {empty} tokens plus its target's: raise train.max_len")
+        self._check(history)
+        sample, _ = ragged_index(hist_len)
+        cost = self.piece_len[history] + self.piece_len[self.SEP]  # an item and the separator before it
+        end = np.cumsum(cost)
+        newer = end[np.cumsum(hist_len)[sample] - 1] - end + cost  # this item and every newer one
+        keep = empty - self.piece_len[self.SEP] + newer <= budget[sample]
+        return history[keep], np.bincount(sample[keep], minlength=len(hist_len)).astype(np.int64)

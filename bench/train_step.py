@@ -1,0 +1,231 @@
+"""Training-step throughput and memory: our step (decoder, then the LM head at the target positions
+only, sparse soft-NTP loss) against a reference-style step (full-sequence logits, dense one-hot +
+dense q soft labels over the vocabulary, as the paper's code computes them), in one run: same model
+(the `model` stage's, + LoRA), same real batches of the train subset with their q from cf_dist.
+
+    python bench/train_step.py                      # artifacts/ of this project (data, subset, model, trie, cf_dist)
+    python bench/train_step.py --batch 8 --steps 10 --artifacts DIR
+
+Variants: ours with loss tca, ntp, and MSL + tca; "full head" = our sparse loss on full-sequence
+logits (isolates the LM-head saving); the dense reference. Whole steps (forward + backward) run
+interleaved, one of each variant per round, so load from other processes hits all of them alike;
+rates use the median step time, per wall-clock second and per CPU-second of this process (on a
+shared, loaded machine the second is the steadier measure of the work). The loss path alone (from
+the decoder's hidden states through the backward into them) is timed in CPU-seconds and measured for
+peak memory above its start (CPU: VmHWM reset through /proc/self/clear_refs, with malloc returning
+big blocks to the OS; GPU: peak allocated); the tca-over-ntp overhead is its difference.
+"""
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning (2 shared cores); must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import ctypes
+import re
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import yaml
+
+from pipeline.stages.train import load_batcher
+from tca.llm import LoraSettings, head_logits, load_model, target_hidden, use_bf16
+from tca.losses import LossConfig, position_losses
+from tca.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PATH_REPS = 5  # timed runs of each loss path
+
+
+class PeakMemory:
+    """Peak memory above the level at `start()`: CPU via the kernel's resident high-water mark."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if not self.cuda:  # every block >= 64 KiB is mmap-ed and unmapped on free, so RSS follows live tensors
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixing it also stops glibc from raising it)
+            libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+
+    @staticmethod
+    def _status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def dense_reference_loss(logits: torch.Tensor, inputs, soft, alpha: float) -> torch.Tensor:
+    """Summed -log <y~, P> with y~ a dense [B, T, V] tensor: one-hot + q at the target positions."""
+    B, T, V = logits.shape
+    real = soft.count > 0
+    rows = inputs.target_pos
+    labels = torch.zeros(B * T, V, device=logits.device)
+    labels.index_put_((rows[:, None].expand(-1, soft.token.shape[2]), soft.token[real]), alpha * soft.prob[real], accumulate=True)
+    labels.index_put_((rows, inputs.target), torch.full_like(rows, 1 - alpha, dtype=torch.float32), accumulate=True)
+    labels = labels.view(B, T, V)
+    mask = labels.sum(-1) > 0
+    return -(labels * logits.float().softmax(-1)).sum(-1)[mask].log().sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--batch", type=int, default=4, help="samples per forward/backward (train.micro_batch)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after one warm-up step)")
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="auto | bf16 | fp32, as train.precision")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    params = yaml.safe_load((ROOT / "stages.yaml").read_text())["params"]
+    base_cfg = TrainConfig.from_params(params["train"], args.alpha)
+    batcher = load_batcher(args.artifacts, params, base_cfg)
+    msl_batcher = load_batcher(args.artifacts, params, replace(base_cfg, msl=True))
+    samples = pl.read_parquet(args.artifacts / "subset" / "train.parquet", columns=["sample_id", "history", "item_id"])
+    rng = np.random.default_rng(0)
+    batches = [samples[rng.choice(samples.height, args.batch, replace=False)] for _ in range(args.steps + 1)]
+
+    torch.manual_seed(0)
+    bf16 = use_bf16(device, args.precision)
+    model = load_model(args.artifacts / "model", device=str(device), lora=LoraSettings(), bf16=bf16).train()
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    cfgs = {"tca": LossConfig("tca", args.alpha), "ntp": LossConfig("ntp", args.alpha), "msl+tca": LossConfig("tca", args.alpha, msl=True)}
+
+    def ours(kind):
+        def step(rows):
+            inputs, labels = (msl_batcher if cfgs[kind].msl else batcher)(rows)
+            inputs, labels = inputs.to(device), labels.to(device)
+            with autocast():
+                loss = position_losses(head_logits(model, target_hidden(model, inputs), labels.columns), labels, cfgs[kind]).sum()
+            loss.backward()
+            return inputs.n_tokens
+        return step
+
+    def full_head(rows):
+        inputs, labels = batcher(rows)
+        inputs, labels = inputs.to(device), labels.to(device)
+        with autocast():
+            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).logits
+            loss = position_losses(logits.flatten(0, 1)[inputs.target_pos], labels, cfgs["tca"]).sum()
+        loss.backward()
+        return inputs.n_tokens
+
+    def reference(rows):
+        inputs, _ = batcher(rows)
+        soft = batcher.dist.read(rows["sample_id"].to_numpy())
+        inputs = inputs.to(device)
+        soft = type(soft)(soft.token.to(device), soft.prob.to(device), soft.count.to(device))
+        with autocast():
+            logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).logits
+            loss = dense_reference_loss(logits, inputs, soft, args.alpha)
+        loss.backward()
+        return inputs.n_tokens
+
+    variants = {"ours tca": ours("tca"), "ours ntp": ours("ntp"), "ours msl+tca": ours("msl+tca"),
+                "full head": full_head, "reference": reference}
+    memory = PeakMemory(device)
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    tokens = {name: [] for name in variants}
+    step_peak = {name: 0 for name in variants}
+    for r, rows in enumerate(batches):
+        for name, step in variants.items():
+            memory.start()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            n = step(rows)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            took, took_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            model.zero_grad(set_to_none=True)
+            if r:  # round 0 warms up
+                step_peak[name] = max(step_peak[name], memory.peak())
+                wall[name].append(took)
+                cpu[name].append(took_cpu)
+                tokens[name].append(n)
+
+    # the loss path alone: from the decoder's hidden states (a leaf here) through the backward into them
+    rows = batches[0]
+    inputs, labels = batcher(rows)
+    _, msl_labels = msl_batcher(rows)
+    soft = batcher.dist.read(rows["sample_id"].to_numpy())
+    inputs, labels, msl_labels = inputs.to(device), labels.to(device), msl_labels.to(device)
+    soft = type(soft)(soft.token.to(device), soft.prob.to(device), soft.count.to(device))
+    with torch.no_grad(), autocast():
+        hidden = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden.detach().requires_grad_(True)
+    at_targets = lambda: hidden.flatten(0, 1)[inputs.target_pos]
+    paths = {
+        "ours tca": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["tca"]).sum(),
+        "ours ntp": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["ntp"]).sum(),
+        "ours msl+tca": lambda: position_losses(head_logits(model, at_targets(), msl_labels.columns), msl_labels, cfgs["msl+tca"]).sum(),
+        "full head": lambda: position_losses(head_logits(model, hidden).flatten(0, 1)[inputs.target_pos], labels, cfgs["tca"]).sum(),
+        "reference": lambda: dense_reference_loss(head_logits(model, hidden), inputs, soft, args.alpha),
+    }
+    path_peak, path_cpu, path_loss = {}, {}, {}
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # GPU work is not CPU time
+    for name, path in paths.items():
+        times = []
+        for rep in range(PATH_REPS + 1):  # the first run warms up
+            hidden.grad = None
+            memory.start()
+            start = clock()
+            with autocast():
+                loss = path()
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(clock() - start)
+            path_peak[name] = memory.peak()
+        path_cpu[name], path_loss[name] = statistics.median(times[1:]), loss.item()
+
+    B, T = inputs.input_ids.shape
+    print(f"SmolLM2 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) + LoRA on {device} in {'bf16' if bf16 else 'fp32'}, "
+          f"{torch.get_num_threads()} threads; {args.steps} timed steps of {args.batch} samples, interleaved "
+          f"(first batch: {B} x {T} ids, {len(inputs.target)} target tokens; vocabulary {model.config.vocab_size:,})")
+    print(f"loss of the first batch (sum over its target tokens): ours tca {path_loss['ours tca']:.4f}, "
+          f"full head {path_loss['full head']:.4f}, reference {path_loss['reference']:.4f}")
+    print(f"{'':<14}{'tokens/s':>10}{'tokens/CPU-s':>14}{'step peak MB':>14}{'loss path: CPU ms':>19}{'peak MB':>9}")
+    rate, cpu_rate = {}, {}
+    for name in variants:
+        rate[name] = statistics.mean(tokens[name]) / statistics.median(wall[name])  # per step: mean tokens / median time
+        cpu_rate[name] = statistics.mean(tokens[name]) / statistics.median(cpu[name])
+        print(f"{name:<14}{rate[name]:>10.1f}{cpu_rate[name]:>14.1f}{step_peak[name] / 1e6:>14.1f}"
+              f"{1e3 * path_cpu[name]:>19.1f}{path_peak[name] / 1e6:>9.1f}")
+    step_cpu_ntp = statistics.median(cpu["ours ntp"])
+    print(f"ours tca vs reference: {rate['ours tca'] / rate['reference']:.2f}x tokens/s "
+          f"({cpu_rate['ours tca'] / cpu_rate['reference']:.2f}x per CPU-s); loss path "
+          f"{path_peak['reference'] / max(path_peak['ours tca'], 1):.1f}x less peak memory; whole step "
+          f"{step_peak['reference'] / max(step_peak['ours tca'], 1):.2f}x less")
+    print(f"LM head at target positions vs on every position (same sparse loss): "
+          f"{rate['ours tca'] / rate['full head']:.2f}x tokens/s ({cpu_rate['ours tca'] / cpu_rate['full head']:.2f}x per CPU-s)")
+    print(f"overhead of tca over ntp: {1e3 * (path_cpu['ours tca'] - path_cpu['ours ntp']):.1f} CPU ms per step = "
+          f"{100 * (path_cpu['ours tca'] - path_cpu['ours ntp']) / step_cpu_ntp:+.2f}% of an ntp step (whole steps, noisier: "
+          f"{100 * (cpu_rate['ours ntp'] / cpu_rate['ours tca'] - 1):+.1f}%)")
+    print(f"msl+tca vs tca: {cpu_rate['ours msl+tca'] / cpu_rate['ours tca']:.2f}x tokens per CPU-s")
+
+
+if __name__ == "__main__":
+    main()

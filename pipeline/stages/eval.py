@@ -1,0 +1,106 @@
+"""Stage `eval`: trie-constrained beam search of the trained LLM on the test (or valid) subset;
+writes predictions.parquet (ranked item ids and scores per sample) and metrics.json (the LLM's
+and the CF model's metrics on the same samples, collaborative consistency, decode throughput)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.context import StageContext
+
+SPLITS = ("valid", "test")
+SHOWN = 3  # samples `tca inspect eval` prints
+
+
+def load_recommender(artifacts: Path, params: dict, device: str):
+    """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id)
+    from the artifacts of upstream stages."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from tca.llm import load_model
+    from tca.prompt import PromptBuilder, PromptConfig
+    from tca.trie import Trie
+
+    adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
+    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True)
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
+    items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
+    titles = ["", *items["title"].to_list()]  # item ids are 1..N; 0 is padding
+    builder = PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]))
+    return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles
+
+
+def eval_config(params: dict):
+    """The EvalConfig and the split of the `eval:` section."""
+    from tca.errors import TcaError
+    from tca.evaluate import EvalConfig
+
+    section = dict(params["eval"])
+    split = section.pop("split", "test")
+    if split not in SPLITS:
+        raise TcaError(f"eval.split: {split!r} is not a subset split; use one of {', '.join(SPLITS)}")
+    return EvalConfig.from_params(section), split
+
+
+def run(ctx: StageContext) -> None:
+    import polars as pl
+
+    from tca.cf.registry import load_checkpoint
+    from tca.evaluate import evaluate
+
+    cfg, split = eval_config(ctx.params)
+    samples = pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
+    model, builder, trie, _ = load_recommender(ctx.artifacts, ctx.params, ctx.device)
+    adapter = ctx.input("train") / "adapter"
+    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
+            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}, device {ctx.device}")
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+    with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
+        result = evaluate(model, builder, trie, samples, cfg, cf, bar)
+    result.predictions.write_parquet(ctx.out / "predictions.parquet")
+    metrics = {"split": split, **result.metrics}
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    llm, cf_m = metrics["llm"], metrics["cf"]
+    ctx.log(f"wrote predictions.parquet, metrics.json: LLM hr@10 {llm['hr@10']:.4f} ndcg@10 {llm['ndcg@10']:.4f} "
+            f"cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
+            f"{metrics['decode']['samples_per_s']:.2f} samples/s")
+
+
+def inspect(artifact_dir: Path, params: dict) -> str:
+    """The metrics side by side, then for a few samples: history, target, LLM top-10 beside CF top-10."""
+    import polars as pl
+    import torch
+
+    from tca.cf.base import pad_histories
+    from tca.cf.registry import load_checkpoint
+
+    metrics = json.loads((artifact_dir / "metrics.json").read_text())
+    keys = [k for k in metrics["llm"] if k in metrics["cf"]]
+    lines = [f"eval/ on {metrics['n_samples']:,} {metrics['split']} samples "
+             f"({metrics['decode']['num_beams']} beams, {metrics['decode']['samples_per_s']:.2f} samples/s on {metrics['decode']['device']})",
+             f"{'':<5}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{name:<5}" + "".join(f"{metrics[name][k]:>9.4f}" for k in keys) for name in ("llm", "cf")]
+    lines.append(" ".join(f"{k} {v:.4f}" for k, v in metrics["llm"].items() if k not in keys))
+
+    artifacts = artifact_dir.parent
+    titles = ["", *pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()]
+    pred = pl.read_parquet(artifact_dir / "predictions.parquet", n_rows=SHOWN)
+    samples = pred.join(pl.read_parquet(artifacts / "subset" / f"{metrics['split']}.parquet"), on="sample_id", how="left", maintain_order="left")
+    cf = load_checkpoint(artifacts / "cf" / "model.pt")
+    with torch.no_grad():
+        cf_top = cf.score(pad_histories(samples["history"], cf.cfg.max_len)).topk(10).indices.tolist()
+
+    def cell(item: int | None, target: int, width: int = 44) -> str:
+        title = titles[item] if item else "-"
+        mark = "*" if item == target else " "
+        return f"{mark}{title[: width - 1]:<{width - 1}}"
+
+    for row, cf_items in zip(samples.iter_rows(named=True), cf_top):
+        lines += ["", f"sample {row['sample_id']} (user {row['user_id']}), history oldest first:",
+                  *(f"    {titles[i]}" for i in row["history"]), f"  target: {titles[row['item_id']]}",
+                  f"  {'':>3} {'LLM top-10 (score)':<52} CF top-10   (* = target)"]
+        llm_items, llm_scores = (row["items"] + [None] * 10)[:10], (row["scores"] + [float("nan")] * 10)[:10]
+        for r in range(10):
+            lines.append(f"  {r + 1:>2}. {cell(llm_items[r], row['item_id'])} {llm_scores[r]:>7.3f}  {cell(cf_items[r], row['item_id'])}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Stage `train`: LoRA fine-tuning of the base LLM on the train subset; writes adapter/ and log.jsonl.
+
+The trainer checkpoints into artifacts/.resume/train-<key>/, keyed by the stage's params and the
+identity of its inputs, outside the runner's temporary output dir (which a rerun wipes): rerunning
+after an interruption resumes there with the same params and inputs. It is removed on success.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.context import StageContext
+
+PARAMS = ("train", "lora", "tca.alpha", "prompt")
+INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
+          "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet")
+
+
+def resume_dir(ctx: StageContext) -> Path:
+    """Where an interrupted run with these params and inputs left its checkpoint."""
+    stats = {}
+    for name in INPUTS:
+        path = ctx.artifacts / name
+        stats[name] = [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else None
+    doc = json.dumps({"params": {key: ctx.param(key) for key in PARAMS}, "inputs": stats}, sort_keys=True, default=str)
+    return ctx.artifacts / ".resume" / f"train-{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
+
+
+def load_batcher(artifacts: Path, params: dict, cfg):
+    """The Batcher (prompts, targets, trie, q) of the train stage from the upstream artifacts."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from tca.collab_store import DistReader
+    from tca.llm import ItemTargets
+    from tca.prompt import PromptBuilder, PromptConfig
+    from tca.train import Batcher
+    from tca.trie import Trie
+
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
+    items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
+    builder = PromptBuilder(tokenizer, ["", *items["title"].to_list()], PromptConfig(**params["prompt"]))
+    trie = Trie.load(artifacts / "trie" / "trie.npz")
+    table = pl.read_parquet(artifacts / "trie" / "items.parquet")
+    dist = DistReader(artifacts / "cf_dist" / "dist.zarr", trie) if cfg.loss_config.uses_q else None
+    return Batcher(builder, ItemTargets(table["item_id"].to_numpy(), table["token_ids"]), trie, dist, cfg.loss_config,
+                   cfg.max_len, tokenizer.pad_token_id)
+
+
+def run(ctx: StageContext) -> None:
+    import polars as pl
+    import torch
+
+    from tca.llm import LoraSettings, load_model, use_bf16
+    from tca.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_params(ctx.section("train"), ctx.param("tca.alpha"))
+    lora = LoraSettings.from_params(ctx.section("lora"))
+    batcher = load_batcher(ctx.artifacts, ctx.params, cfg)
+    columns = ["sample_id", "history", "item_id"]
+    samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
+    valid = pl.read_parquet(ctx.input("subset") / "valid.parquet", columns=columns) if cfg.eval_every else None
+
+    torch.manual_seed(cfg.seed)  # the LoRA init and the dropout draws
+    bf16 = use_bf16(ctx.device, cfg.precision)
+    model = load_model(ctx.input("model"), device=ctx.device, lora=lora, bf16=bf16)
+    work = resume_dir(ctx)
+    ctx.log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}")
+    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress).run()
+    shutil.move(work / "adapter", ctx.out / "adapter")
+    shutil.move(work / "log.jsonl", ctx.out / "log.jsonl")
+    shutil.rmtree(work)
+    best = "" if result.best_metric is None else f"; best valid {cfg.valid_metric} {result.best_metric:.4f} at epoch {result.best_epoch}"
+    ctx.log(f"wrote adapter/, log.jsonl after {result.steps} steps{' (stopped early)' if result.stopped_early else ''}{best}")
+
+
+def inspect(artifact_dir: Path, params: dict) -> str:
+    """The adapter's settings and size, the loss and throughput over training, and every validation."""
+    from safetensors import safe_open
+
+    config = json.loads((artifact_dir / "adapter" / "adapter_config.json").read_text())
+    with safe_open(artifact_dir / "adapter" / "adapter_model.safetensors", framework="pt") as f:
+        n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    records = [json.loads(line) for line in (artifact_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid" in r]
+    train = params["train"]
+    lines = [
+        f"train/: backbone {train['backbone']}, loss {train['loss']} (alpha {params['tca']['alpha']}), "
+        f"msl {train['msl'] or train['backbone'] == 'msl'}",
+        f"  adapter: LoRA r={config['r']} alpha={config['lora_alpha']} dropout={config['lora_dropout']} on "
+        f"{', '.join(sorted(config['target_modules']))}; {n_params:,} parameters",
+    ]
+    if steps:
+        speed = sorted(r["tokens_per_s"] for r in steps)
+        lines.append(f"  {steps[-1]['step']} optimizer steps over {steps[-1]['epoch']:.2f} epochs; loss {steps[0]['loss']:.4f} "
+                     f"(first {train['log_every']} steps) -> {steps[-1]['loss']:.4f} (last); median {speed[len(speed) // 2]:,.0f} tokens/s")
+        lines += [f"    step {r['step']:>6}  epoch {r['epoch']:>6.2f}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:>8,.0f} tok/s"
+                  for r in steps[:: max(1, len(steps) // 10)]]
+    for r in valid:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in r["valid"].items() if k.startswith(("hr@", "ndcg@")))
+        lines.append(f"  valid epoch {r['epoch']}: {shown}{'  (best)' if r['best'] else ''}")
+    return "\n".join(lines)

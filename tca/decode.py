@@ -1,0 +1,135 @@
+"""Trie-constrained beam search over a KV cache, vectorized over beams and samples.
+
+Every live beam is one row of the model's batch and carries its trie node. Its allowed next tokens
+are the node's children, gathered from the CSR arrays on the model's device: no vocabulary-sized
+mask, no Python loop per beam or per token. The search follows Hugging Face's beam search step for
+step (the 2K best candidates per sample; a title that ends there counts only if it ranks among the
+top K; the K best unfinished ones go on; finished titles are ranked by score / length ** length_penalty;
+HF's default early-stopping rule), so its lists equal `generate` with a prefix-allowed-tokens
+function. It is cheaper than `generate` because each prompt is encoded and stored once, not once per
+beam (tca.beam_attention), and rows of dead beams and finished samples leave the batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tca.beam_attention import BeamKV, switched_to
+from tca.prompt import Prompts
+from tca.ragged import concat_ranges, pad
+from tca.trie import Trie
+
+NEG_INF = float("-inf")
+
+
+class DeviceTrie:
+    """The CSR arrays the search reads, as int64 tensors on the model's device."""
+
+    def __init__(self, trie: Trie, device: torch.device | str):
+        self.child_ptr = torch.as_tensor(trie.child_ptr, dtype=torch.long, device=device)
+        self.child_token = torch.as_tensor(trie.child_token, dtype=torch.long, device=device)
+        self.child_node = torch.as_tensor(trie.child_node, dtype=torch.long, device=device)
+        self.max_depth = int(trie.depths().max())
+
+    def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """nodes [R] -> edge ids [R, C] (C = the most children among these nodes) and which of them exist."""
+        start = self.child_ptr[nodes]
+        count = self.child_ptr[nodes + 1] - start
+        width = torch.arange(int(count.max()), device=nodes.device)
+        valid = width < count[:, None]
+        return torch.where(valid, start[:, None] + width, 0), valid
+
+    def is_leaf(self, nodes: torch.Tensor) -> torch.Tensor:
+        return self.child_ptr[nodes + 1] == self.child_ptr[nodes]
+
+
+def _forward(model, ids: torch.Tensor, position: torch.Tensor, kv: BeamKV) -> torch.Tensor:
+    """The next-token logits [R, V] at the last position; adds the rows' keys/values to `kv`."""
+    out = model(input_ids=ids, position_ids=position, beam_kv=kv, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, length_penalty: float = 1.0,
+                renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `num_beams` best complete titles per prompt: their trie leaves [B, K] (-1 where fewer titles
+    finished) and ranked scores [B, K] (-inf there). A title's score is the sum of its tokens' log-probs
+    (full softmax, or softmax over the trie children with `renormalize`) / its length ** length_penalty.
+    """
+    device, K, lp = trie.child_ptr.device, num_beams, length_penalty
+    lengths = torch.as_tensor(prompts.lengths, device=device)
+    B = len(lengths)
+    ids = torch.from_numpy(pad(prompts.ids, prompts.lengths, fill=0, left=True)).to(device)  # pad id never attended
+    prompt_mask = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - lengths[:, None]
+    kv = BeamKV(prompt_mask, K)
+    with switched_to(model, ids.shape[1] + trie.max_depth):
+        return _search(model, trie, kv, _forward(model, ids, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv), lengths, K, lp, renormalize)
+
+
+def _search(model, trie: DeviceTrie, kv: BeamKV, logits: torch.Tensor, lengths: torch.Tensor, K: int, lp: float,
+            renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search proper, from the prompts' next-token logits [B, V]."""
+    device, B = logits.device, len(lengths)
+    # live rows of the model's batch: their sample, beam slot, trie node and summed log-prob
+    sample, slot = kv.sample, kv.slot
+    node = torch.zeros(B, dtype=torch.long, device=device)
+    score = torch.zeros(B, device=device)
+    fin_score = torch.full((B, K), NEG_INF, device=device)
+    fin_node = torch.full((B, K), -1, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(trie.max_depth):
+        edge, valid = trie.children(node)
+        C = edge.shape[1]
+        z = logits.gather(1, trie.child_token[edge])
+        if renormalize:
+            logp = z - z.masked_fill(~valid, NEG_INF).logsumexp(1, keepdim=True)
+        else:
+            logp = z - logits.logsumexp(1, keepdim=True)
+        cand = torch.full((B, K, C), NEG_INF, device=device)
+        cand[sample, slot] = (score[:, None] + logp).masked_fill(~valid, NEG_INF)
+        cand_edge = torch.zeros((B, K, C), dtype=torch.long, device=device)
+        cand_edge[sample, slot] = edge
+        top_score, top = cand.view(B, -1).topk(min(2 * K, K * C))
+        top_edge = cand_edge.view(B, -1).gather(1, top)
+        top_node = trie.child_node[top_edge]
+        ends = trie.is_leaf(top_node) & (top_score > NEG_INF)
+
+        # titles that end here join the finished pool if they rank in the top K candidates (as in HF)
+        new = torch.where(ends[:, :K], top_score[:, :K] / (t + 1) ** lp, NEG_INF)
+        fin_score, keep = torch.cat([fin_score, new], 1).topk(K)
+        fin_node = torch.cat([fin_node, top_node[:, :K]], 1).gather(1, keep)
+
+        # the K best unfinished candidates go on; HF's rule stops a sample once its best running
+        # beam, length-penalized at the current length, cannot beat its worst finished title
+        run_score, pick = top_score.masked_fill(ends, NEG_INF).topk(min(K, top.shape[1]))
+        done |= ~(run_score[:, 0] / (t + 1) ** lp > fin_score[:, -1])
+        live = (run_score > NEG_INF) & ~done[:, None]
+        if not live.any():
+            break
+        row_of = torch.full((B, K), -1, dtype=torch.long, device=device)
+        row_of[sample, slot] = torch.arange(len(sample), device=device)
+        new_sample, new_slot = live.nonzero(as_tuple=True)
+        src = row_of[new_sample, (top // C).gather(1, pick)[new_sample, new_slot]]
+        step_edge = top_edge.gather(1, pick)[new_sample, new_slot]
+        sample, slot, score = new_sample, new_slot, run_score[new_sample, new_slot]
+        node = trie.child_node[step_edge]
+        kv.select(src, sample, slot)
+        logits = _forward(model, trie.child_token[step_edge][:, None], (lengths[sample] + t)[:, None], kv)
+    return torch.where(fin_score > NEG_INF, fin_node, -1), fin_score
+
+
+def ranked_items(trie: Trie, leaves: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked leaves [B, K] -> the first k items [B, k] (0 = none) and their scores (-inf there).
+
+    A leaf stands for every item with that exact target (the data stage merges equal titles, so
+    normally one); its items share its score and follow each other in item-id order.
+    """
+    leaves, scores = np.asarray(leaves), np.asarray(scores)
+    ok = leaves >= 0
+    lo, hi = trie.node_lo[leaves[ok]], trie.node_hi[leaves[ok]]
+    count = (hi - lo).astype(np.int64)
+    items = trie.item_order[concat_ranges(lo, count)]
+    per_sample = np.bincount(np.nonzero(ok)[0], weights=count, minlength=len(leaves)).astype(np.int64)
+    width = max(k, int(per_sample.max(initial=0)))
+    return (pad(items, per_sample, fill=0, width=width)[:, :k],
+            pad(np.repeat(scores[ok], count), per_sample, fill=NEG_INF, width=width)[:, :k])

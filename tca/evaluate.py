@@ -1,0 +1,119 @@
+"""Evaluation of an LLM recommender on a set of samples: trie-constrained beam search, ranking
+metrics of the returned lists, collaborative consistency and the CF model's own metrics on the
+same samples. The `eval` stage and the trainer's validation both call `evaluate`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from tca.cf.base import CFModel, pad_histories
+from tca.decode import DeviceTrie, beam_search, ranked_items
+from tca.errors import TcaError
+from tca.metrics import KS, list_ranks, ranking_metrics, target_ranks
+from tca.prompt import PromptBuilder
+from tca.trie import Trie
+
+CF_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval:` param section (less `split`, which only says which subset the stage reads)."""
+
+    num_beams: int = 10
+    length_penalty: float = 1.0  # HF's: a title's score is its summed log-prob / length ** length_penalty
+    renormalize: bool = False  # log-probs of a softmax over the trie children only (the right choice for MSL)
+    batch_size: int = 16  # samples per beam search (each holds up to num_beams rows of the model's batch)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "EvalConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TcaError(f"eval.{unknown[0]}: unknown param; the eval section accepts {sorted(known | {'split'})}")
+        cfg = cls(**params)
+        for key in ("num_beams", "batch_size"):
+            if getattr(cfg, key) < 1:
+                raise TcaError(f"eval.{key}: {getattr(cfg, key)} must be >= 1")
+        return cfg
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # {"llm": {"hr@1", ..., "ndcg@10", "lists_under_10"[, "cc"]}, ["cf": {...},] "n_samples", "decode": {...}}
+    predictions: pl.DataFrame  # sample_id, items (ranked item ids), scores, in the order of the samples
+
+
+def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, cfg: EvalConfig,
+              bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked item ids [S, num_beams] (0 = none) and their scores (-inf there) for each history
+    (list column of item ids, oldest first). Batches group prompts of similar length (less padding)."""
+    lengths = histories.list.len().to_numpy().astype(np.int64)
+    order = np.argsort(builder.build(histories.explode().drop_nulls().to_numpy(), lengths).lengths, kind="stable")
+    dtrie = DeviceTrie(trie, next(model.parameters()).device)
+    items = np.zeros((len(order), cfg.num_beams), dtype=np.int64)
+    scores = np.full((len(order), cfg.num_beams), -np.inf, dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            batch = histories.gather(rows)
+            prompts = builder.build(batch.explode().drop_nulls().to_numpy(), lengths[rows])
+            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize)
+            items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams)
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+    return items, scores
+
+
+@torch.no_grad()
+def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches."""
+    device = next(cf.parameters()).device
+    ranks, top1 = [], []
+    for start in range(0, len(histories), CF_BATCH):
+        scores = cf.score(pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device))
+        ranks.append(target_ranks(scores, target[start : start + CF_BATCH].to(device)).cpu())
+        top1.append(scores.argmax(dim=1).cpu())  # first maximum: ties go to the lower item id, as in target_ranks
+    return torch.cat(ranks), torch.cat(top1)
+
+
+def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, cfg: EvalConfig,
+             cf: CFModel | None = None, bar=None) -> Evaluation:
+    """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists.
+
+    With a CF model, also collaborative consistency (share of samples whose top-1 item is the CF
+    model's top-1) and the CF model's own full-ranking metrics on the same samples.
+    """
+    start = time.perf_counter()
+    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar)
+    seconds = time.perf_counter() - start
+    target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
+    found = items > 0
+    padded = np.pad(items, ((0, 0), (0, max(0, max(KS) - items.shape[1]))))  # absent targets rank beyond every k
+    llm = ranking_metrics(list_ranks(torch.from_numpy(padded), target))
+    llm[f"lists_under_{max(KS)}"] = float((found.sum(axis=1) < max(KS)).mean())
+    metrics = {"llm": llm}
+    if cf is not None:
+        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target)
+        llm["cc"] = float((torch.from_numpy(items[:, 0]) == cf_top1).double().mean())
+        metrics["cf"] = ranking_metrics(cf_ranks)
+    metrics["n_samples"] = samples.height
+    metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
+                         "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
+    offsets = pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32))
+    predictions = pl.DataFrame({
+        "sample_id": samples["sample_id"],
+        "items": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(items[found].astype(np.int32)))),
+        "scores": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(scores[found]))),
+    })
+    return Evaluation(metrics, predictions)

@@ -1,0 +1,288 @@
+"""LoRA fine-tuning of the LLM recommender with the losses of `tca.losses` (TallRec, MSL, +TCA, ablations).
+
+One optimizer step = `grad_accum` micro-batches of `micro_batch` samples; each micro-batch's summed
+position losses are divided by the target tokens of the whole step before backward, so the
+gradient is the token-weighted mean over the step whatever the split. The learning rate warms up
+linearly and decays linearly to 0 over all optimizer steps of all epochs. Validation (HR@k / NDCG@k
+by trie-constrained beam search on the valid samples) runs every `eval_every` epochs and after the
+last; the best adapter is kept and training stops after `patience` validations without improvement.
+
+Everything lives in a work dir: `state.pt` (the last checkpoint: LoRA weights, optimizer, schedule,
+RNG, validation history), `adapter/` (the best adapter so far, peft `save_pretrained`) and
+`log.jsonl`. Calling `train` again on the same work dir resumes from the last checkpoint and
+continues exactly as the uninterrupted run would have (same data order, same dropout draws).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from tca.collab_store import DistReader
+from tca.errors import TcaError
+from tca.evaluate import EvalConfig, evaluate
+from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
+from tca.losses import Labels, LossConfig, make_labels, position_losses
+from tca.prompt import PromptBuilder
+from tca.trie import Trie
+
+BACKBONES = ("tallrec", "msl")  # llara and collm need CF embeddings in the prompt: not yet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` param section, plus `tca.alpha`."""
+
+    backbone: str = "tallrec"  # tallrec | msl (msl = tallrec + MSL's masked softmax)
+    loss: str = "tca"  # tca (soft NTP) | kl (w/o SA) | ntp (TallRec's plain NTP)
+    alpha: float = 0.1  # tca.alpha
+    msl: bool = False  # masked softmax over the trie children (on whenever backbone is msl)
+    msl_tau: float = 1.0
+    epochs: int = 1
+    micro_batch: int = 4
+    grad_accum: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # share of all optimizer steps spent warming up
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_len: int = 512  # prompt + target tokens; longer prompts drop their oldest history items
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated); 0 = never
+    valid_metric: str = "ndcg@10"  # the validation metric that picks the best adapter
+    valid_beams: int = 10
+    patience: int = 2  # validations without improvement before stopping
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (and at every epoch end)
+    log_every: int = 10  # optimizer steps per log.jsonl line
+    precision: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp32
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise TcaError(f"train.backbone: {self.backbone!r} is not one of {', '.join(BACKBONES)} "
+                           "(llara and collm need CF embeddings in the prompt and are not implemented yet)")
+        for key in ("epochs", "micro_batch", "grad_accum", "max_len", "valid_beams", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise TcaError(f"train.{key}: {getattr(self, key)} must be >= 1")
+        if self.eval_every < 0 or self.patience < 1:
+            raise TcaError("train.eval_every must be >= 0 (0 = never) and train.patience >= 1")
+        if not self.lr > 0 or not 0 <= self.warmup_ratio < 1:
+            raise TcaError(f"train.lr ({self.lr}) must be > 0 and train.warmup_ratio ({self.warmup_ratio}) in [0, 1)")
+        name, _, k = self.valid_metric.partition("@")
+        if name not in ("hr", "ndcg") or not k.isdigit() or not 1 <= int(k) <= self.valid_beams:
+            raise TcaError(f"train.valid_metric: {self.valid_metric!r} must be hr@k or ndcg@k with k <= train.valid_beams")
+        if self.precision not in PRECISIONS:
+            raise TcaError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.loss_config  # validates loss, alpha, msl_tau
+
+    @classmethod
+    def from_params(cls, section: dict, alpha: float) -> "TrainConfig":
+        known = {f.name for f in fields(cls)} - {"alpha"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise TcaError(f"train.{unknown[0]}: unknown param; the train section accepts {sorted(known)}")
+        return cls(**section, alpha=alpha)
+
+    @property
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.loss, self.alpha, self.msl or self.backbone == "msl", self.msl_tau)
+
+
+class Batcher:
+    """Sample rows (`sample_id`, `history`, `item_id`) -> model inputs and loss labels."""
+
+    def __init__(self, builder: PromptBuilder, targets: ItemTargets, trie: Trie, dist: DistReader | None,
+                 cfg: LossConfig, max_len: int, pad_id: int):
+        if cfg.uses_q and dist is None:
+            raise TcaError(f"train.loss={cfg.loss} needs q from the cf_dist stage")
+        self.builder, self.targets, self.trie, self.dist = builder, targets, trie, dist
+        self.cfg, self.max_len, self.pad_id = cfg, max_len, pad_id
+
+    def __call__(self, rows: pl.DataFrame) -> tuple[Inputs, Labels]:
+        inputs = encode(self.builder, self.targets, rows["history"], rows["item_id"].to_numpy(), self.max_len, self.pad_id)
+        soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
+        return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
+
+
+def batch_loss(model, inputs: Inputs, labels: Labels, cfg: LossConfig) -> torch.Tensor:
+    """Summed loss over the batch's target positions (the LM head sees only those)."""
+    hidden = target_hidden(model, inputs)
+    return position_losses(head_logits(model, hidden, labels.columns), labels, cfg).sum()
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor: 0 -> 1 over `warmup` steps, then 1 -> 0 at `total`."""
+    return lambda step: step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken
+    best_metric: float | None  # the best validation value (None without validation)
+    best_epoch: int | None
+    stopped_early: bool
+    valid: list[dict]  # every validation's metrics, with its epoch
+
+
+class Trainer:
+    """Trains `model` (a peft model: only LoRA weights trainable) on `samples`; `run()` resumes from `work_dir`."""
+
+    def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
+                 work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None):
+        self.model, self.batcher, self.samples, self.valid, self.cfg = model, batcher, samples, valid, cfg
+        self.work_dir, self.device, self.log = Path(work_dir), torch.device(device), log
+        self.progress = progress
+        self.loss_cfg = cfg.loss_config
+        self.bf16 = use_bf16(device, cfg.precision)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TcaError("the model has no trainable parameters; load it with a LoRA config")
+        self.step_size = cfg.micro_batch * cfg.grad_accum
+        self.steps_per_epoch = math.ceil(samples.height / self.step_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
+        self.target_len = batcher.targets.get(samples["item_id"].to_numpy())[1]
+        self.state = {"step": 0, "valid": [], "best": None, "best_epoch": None, "bad": 0, "stopped": False, "log_bytes": 0}
+
+    # ----- checkpoints -----
+
+    @property
+    def state_path(self) -> Path:
+        return self.work_dir / "state.pt"
+
+    def save_checkpoint(self) -> None:
+        from peft import get_peft_model_state_dict
+
+        self.state["log_bytes"] = (self.work_dir / "log.jsonl").stat().st_size if (self.work_dir / "log.jsonl").exists() else 0
+        rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})
+        checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "state": self.state, "rng": rng,
+                      "lora": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict()}
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, self.state_path)  # a kill mid-save leaves the previous checkpoint
+
+    def save_adapter(self) -> None:
+        """`adapter/` <- the current LoRA weights, replaced whole (never half-written)."""
+        tmp, final = self.work_dir / "adapter.tmp", self.work_dir / "adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def resume(self) -> None:
+        """Continue from `state.pt` if the work dir has one (same config and data, or an error)."""
+        if not self.state_path.exists():
+            return
+        from peft import set_peft_model_state_dict
+
+        ckpt = torch.load(self.state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        if ckpt["config"] != asdict(self.cfg) or ckpt["n_samples"] != self.samples.height:
+            raise TcaError(f"{self.state_path} is a checkpoint of another configuration or data; delete {self.work_dir} to start over")
+        set_peft_model_state_dict(self.model, ckpt["lora"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.state = ckpt["state"]
+        if (self.work_dir / "log.jsonl").exists():
+            os.truncate(self.work_dir / "log.jsonl", self.state["log_bytes"])  # drop lines logged after the checkpoint
+        self.log(f"resumed from {self.state_path} at step {self.state['step']}/{self.total_steps}")
+
+    def write_log(self, record: dict) -> None:
+        with open(self.work_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----- training -----
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.samples.height)
+
+    def train_step(self, rows: np.ndarray) -> tuple[float, int, int]:
+        """One optimizer step on these sample rows: (summed loss, target tokens, tokens read)."""
+        n_target = int(self.target_len[rows].sum())
+        loss_sum, n_tokens = 0.0, 0
+        for start in range(0, len(rows), self.cfg.micro_batch):
+            inputs, labels = self.batcher(self.samples[rows[start : start + self.cfg.micro_batch]])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg)
+            (loss / n_target).backward()
+            loss_sum += loss.item()
+            n_tokens += inputs.n_tokens
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, n_target, n_tokens
+
+    def validate(self, epoch: int) -> None:
+        """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
+        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            metrics = evaluate(self.model, self.batcher.builder, self.batcher.trie, self.valid, cfg).metrics["llm"]
+        value = metrics[self.cfg.valid_metric]
+        best = self.state["best"] is None or value > self.state["best"]
+        if best:
+            self.state.update(best=value, best_epoch=epoch, bad=0)
+            self.save_adapter()
+        else:
+            self.state["bad"] += 1
+            self.state["stopped"] = self.state["bad"] >= self.cfg.patience
+        self.state["valid"].append({"epoch": epoch, **metrics})
+        self.write_log({"step": self.state["step"], "epoch": epoch, "valid": metrics, "best": best})
+        self.log(f"epoch {epoch}: valid {self.cfg.valid_metric} {value:.4f}" + (" (best)" if best else f" (best {self.state['best']:.4f} at epoch {self.state['best_epoch']})"))
+
+    def run(self) -> TrainResult:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        self.model.train()
+        start = self.state["step"]
+        window = {"loss": 0.0, "target": 0, "tokens": 0, "time": time.perf_counter()}
+        self.log(f"{self.samples.height:,} samples, {self.cfg.epochs} epoch(s) of {self.steps_per_epoch} steps of "
+                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum} samples; loss {self.loss_cfg}")
+        bar = self.progress(total=self.total_steps - start, unit="step",
+                            desc="train" + (f" (resumed at step {start})" if start else "")) if self.progress else None
+        for step in range(start, self.total_steps):
+            if self.state["stopped"]:
+                break
+            epoch, i = divmod(step, self.steps_per_epoch)
+            rows = self.order(epoch)[i * self.step_size : (i + 1) * self.step_size]
+            loss_sum, n_target, n_tokens = self.train_step(rows)
+            self.state["step"] = step + 1
+            window["loss"] += loss_sum
+            window["target"] += n_target
+            window["tokens"] += n_tokens
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
+                now = time.perf_counter()
+                self.write_log({"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
+                                "loss": window["loss"] / window["target"], "lr": self.scheduler.get_last_lr()[0],
+                                "tokens_per_s": round(window["tokens"] / (now - window["time"]), 1)})
+                window = {"loss": 0.0, "target": 0, "tokens": 0, "time": now}
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / n_target:.4f}", epoch=epoch + 1, refresh=False)
+                bar.update()
+            epoch_end = i + 1 == self.steps_per_epoch
+            if epoch_end and self.valid is not None and self.cfg.eval_every and (
+                    (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
+                self.validate(epoch + 1)
+                window["time"] = time.perf_counter()  # tokens/s counts training only
+            if epoch_end or (step + 1) % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.state["best"] is None:  # never validated: the last weights are the result
+            self.save_adapter()
+        return TrainResult(steps=self.state["step"], best_metric=self.state["best"], best_epoch=self.state["best_epoch"],
+                           stopped_early=self.state["stopped"], valid=self.state["valid"])

@@ -1,0 +1,268 @@
+"""The trainer on a tiny random Llama with the real tokenizer: step losses equal an independent dense
+reference loop, learning happens, gradient accumulation is token-exact, resuming is exact, and the
+`train` stage writes its artifacts."""
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.context import StageContext
+from tca.collab import CollabConfig, token_dist
+from tca.collab_store import DistReader, DistWriter
+from tca.llm import ItemTargets, LoraSettings, encode, load_model
+from tca.prompt import PromptBuilder
+from tca.train import Batcher, TrainConfig, Trainer, linear_schedule
+from tca.trie import build_trie, target_ids
+
+TITLES = ["", "Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995)", "Amélie (2001)", "Alien (1979)",
+          "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
+N_ITEMS = len(TITLES) - 1
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+BASE = TrainConfig(epochs=1, micro_batch=4, grad_accum=2, lr=5e-3, warmup_ratio=0.2, eval_every=0, log_every=1,
+                   valid_beams=5, valid_metric="hr@5", precision="fp32")
+
+
+def make_samples(n: int, seed: int, start_id: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 6, n)
+    return pl.DataFrame({
+        "sample_id": np.arange(start_id, start_id + n, dtype=np.int64),
+        "history": [rng.integers(1, N_ITEMS + 1, k).astype(np.int32).tolist() for k in lengths],
+        "item_id": rng.integers(1, N_ITEMS + 1, n).astype(np.int32),
+    }, schema_overrides={"history": pl.List(pl.Int32)})
+
+
+@pytest.fixture(scope="module")
+def world(tokenizer, tmp_path_factory):
+    """Prompt builder, targets, trie, 20 train + 6 valid samples and a dist.zarr of q from random CF scores."""
+    targets = target_ids(tokenizer, pl.Series(TITLES[1:]))
+    trie = build_trie(np.arange(1, N_ITEMS + 1), targets)
+    samples, valid = make_samples(20, 0), make_samples(6, 1, start_id=100)
+    scores = torch.randn(samples.height, N_ITEMS + 1, generator=torch.Generator().manual_seed(0)) * 2
+    path = tmp_path_factory.mktemp("dist") / "dist.zarr"
+    writer = DistWriter(path, {"trie_hash": trie.digest()})
+    writer.append(samples["sample_id"].to_numpy(), token_dist(trie, samples["item_id"].to_numpy(), scores, CollabConfig()))
+    writer.close()
+    return {"builder": PromptBuilder(tokenizer, TITLES), "targets": ItemTargets(np.arange(1, N_ITEMS + 1), targets),
+            "trie": trie, "dist": DistReader(path, trie), "samples": samples, "valid": valid, "pad": tokenizer.pad_token_id}
+
+
+@pytest.fixture(scope="module")
+def peaky_model_dir(tiny_llama, tokenizer, tmp_path_factory) -> Path:
+    """A tiny Llama with larger initial weights: its frozen (tied) LM head can express peaked next-token
+    distributions, so a few LoRA steps visibly move them (the default init keeps every logit near 0)."""
+    out = tmp_path_factory.mktemp("peaky") / "model"
+    tiny_llama(seed=0, initializer_range=0.3).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def trainer(world, model_dir, cfg, work_dir, lora=LORA, samples=None):
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_dir, lora=lora)
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], world["dist"], cfg.loss_config, cfg.max_len, world["pad"])
+    valid = world["valid"] if cfg.eval_every else None
+    samples = world["samples"] if samples is None else samples
+    return Trainer(model, batcher, samples, valid, cfg, work_dir, log=lambda msg: None)
+
+
+def lora_weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def read_log(work_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+
+
+def dense_reference_losses(world, model_dir, cfg, steps):
+    """The same optimization written plainly: full-sequence logits from the HF forward, a dense soft
+    label (1 - alpha) one-hot + alpha q over the whole vocabulary, -log <y~, P> per target token."""
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_dir, lora=LORA).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.micro_batch * cfg.grad_accum
+    total = cfg.epochs * -(-world["samples"].height // per_step)
+    warmup = int(np.ceil(cfg.warmup_ratio * total))
+    losses = []
+    order = np.random.default_rng([cfg.seed, 0]).permutation(world["samples"].height)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * (step / warmup if step < warmup else (total - step) / (total - warmup))
+        rows = world["samples"][order[step * per_step : (step + 1) * per_step]]
+        inputs = encode(world["builder"], world["targets"], rows["history"], rows["item_id"].to_numpy(), cfg.max_len, world["pad"])
+        soft = world["dist"].read(rows["sample_id"].to_numpy())
+        logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits.double()
+        at, soft_label = [], []
+        for b in range(len(rows)):  # sample by sample, position by position
+            start = int(inputs.attention_mask[b].sum()) - int(inputs.target_len[b])
+            for t in range(int(inputs.target_len[b])):
+                y = torch.zeros(logits.shape[2], dtype=torch.float64).index_add_(0, soft.token[b, t], soft.prob[b, t].double())
+                y = cfg.alpha * y + (1 - cfg.alpha) * F.one_hot(inputs.input_ids[b, start + t], logits.shape[2])
+                at.append((b, start + t - 1))
+                soft_label.append(y)
+        b, t = torch.tensor(at).T
+        loss_sum = -(torch.stack(soft_label) * logits[b, t].softmax(1)).sum(1).log().sum()
+        (loss_sum / len(at)).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss_sum.item() / len(at))
+    return losses, lora_weights(model)
+
+
+def test_steps_match_dense_reference(world, tiny_model_dir, tmp_path):
+    """grad_accum=1 here: the reference takes each step's samples in one forward."""
+    cfg = replace(BASE, loss="tca", alpha=0.5, micro_batch=8, grad_accum=1)
+    t = trainer(world, tiny_model_dir, cfg, tmp_path / "work")
+    t.run()
+    ours = [r["loss"] for r in read_log(tmp_path / "work")]
+    ref, ref_weights = dense_reference_losses(world, tiny_model_dir, cfg, steps=len(ours))
+    assert len(ours) == 3
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    for name, w in lora_weights(t.model).items():
+        torch.testing.assert_close(w, ref_weights[name], rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_counts_optimizer_steps():
+    f = linear_schedule(warmup=2, total=10)
+    assert [f(s) for s in range(11)] == [0, 0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0]
+
+
+def target_kl(world, model, q_dense_fn):
+    """Mean KL(q || P) at the target positions of every train sample."""
+    rows = world["samples"]
+    inputs = encode(world["builder"], world["targets"], rows["history"], rows["item_id"].to_numpy(), 512, world["pad"])
+    with torch.no_grad():
+        log_p = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits.flatten(0, 1)[inputs.target_pos].log_softmax(1)
+    q = q_dense_fn(rows, log_p.shape[1])
+    return float(torch.where(q > 0, q * (q.log() - log_p), 0.0).sum(1).mean())
+
+
+def test_learning_moves_toward_targets_and_q(world, peaky_model_dir, tmp_path):
+    def q_dense(rows, vocab):
+        soft = world["dist"].read(rows["sample_id"].to_numpy())
+        real = soft.count > 0
+        return torch.zeros(int(real.sum()), vocab).scatter_add_(1, soft.token[real], soft.prob[real])
+
+    cfg = replace(BASE, loss="tca", alpha=1.0, epochs=6, lr=5e-2, warmup_ratio=0.0)
+    t = trainer(world, peaky_model_dir, cfg, tmp_path / "q")
+    before = target_kl(world, t.model, q_dense)
+    t.run()
+    after = target_kl(world, t.model, q_dense)
+    assert after < 0.8 * before, (before, after)
+
+    for loss, msl in (("ntp", False), ("ntp", True), ("tca", True), ("kl", False)):
+        cfg = replace(BASE, loss=loss, msl=msl, alpha=0.3, epochs=3, lr=5e-2, log_every=3)
+        t = trainer(world, peaky_model_dir, cfg, tmp_path / f"{loss}-{msl}")
+        t.run()
+        log = read_log(tmp_path / f"{loss}-{msl}")
+        assert log[-1]["loss"] < 0.9 * log[0]["loss"], (loss, msl, log)
+        assert all(r["tokens_per_s"] > 0 for r in log)
+
+
+def test_gradient_accumulation_is_token_weighted(world, tiny_model_dir, tmp_path):
+    """One step over 8 samples, split 1 x 8, 2 x 4 or 4 x 2: the same update (targets differ in length,
+    so averaging per micro-batch would not be)."""
+    samples = world["samples"].head(8)
+    weights = []
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        cfg = replace(BASE, loss="tca", alpha=0.3, micro_batch=micro, grad_accum=accum, warmup_ratio=0.0)
+        t = trainer(world, tiny_model_dir, cfg, tmp_path / f"{micro}", samples=samples)
+        t.run()
+        weights.append(lora_weights(t.model))
+        assert t.state["step"] == 1
+    for other in weights[1:]:
+        for name, w in weights[0].items():
+            torch.testing.assert_close(other[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_exactly(world, tiny_model_dir, tmp_path, monkeypatch):
+    """Interrupted at step 5 (checkpoints every 2 steps and at epoch ends, validation every epoch, LoRA
+    dropout on): resuming gives the weights, the adapter and the log of the uninterrupted run."""
+    cfg = replace(BASE, epochs=3, micro_batch=4, grad_accum=1, checkpoint_every=2, eval_every=1, log_every=2)
+    lora = replace(LORA, dropout=0.1)
+    full = trainer(world, tiny_model_dir, cfg, tmp_path / "full", lora)
+    full_result = full.run()
+
+    interrupted = trainer(world, tiny_model_dir, cfg, tmp_path / "resumed", lora)
+    real_step = Trainer.train_step
+
+    def crash_at_step_8(self, rows):
+        if self.state["step"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, rows)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert torch.load(tmp_path / "resumed" / "state.pt", weights_only=False)["state"]["step"] == 6
+    resumed = trainer(world, tiny_model_dir, cfg, tmp_path / "resumed", lora)
+    result = resumed.run()
+
+    assert result == full_result
+    for name, w in lora_weights(full.model).items():
+        assert torch.equal(lora_weights(resumed.model)[name], w), name
+    strip = lambda log: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
+    assert strip(read_log(tmp_path / "resumed")) == strip(read_log(tmp_path / "full"))
+    for f in (tmp_path / "full" / "adapter").iterdir():
+        assert f.read_bytes() == (tmp_path / "resumed" / "adapter" / f.name).read_bytes(), f.name
+
+
+def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, monkeypatch):
+    from tca.evaluate import Evaluation
+
+    values, snapshots = iter([0.2, 0.5, 0.4, 0.3, 0.9]), []
+
+    def fake_evaluate(model, builder, trie, samples, cfg):
+        snapshots.append(lora_weights(model))
+        return Evaluation({"llm": {"hr@5": next(values)}}, None)
+
+    monkeypatch.setattr("tca.train.evaluate", fake_evaluate)
+    cfg = replace(BASE, epochs=5, micro_batch=10, grad_accum=1, eval_every=1, patience=2)
+    t = trainer(world, tiny_model_dir, cfg, tmp_path / "es")
+    result = t.run()
+    assert (result.best_metric, result.best_epoch, result.stopped_early, result.steps) == (0.5, 2, True, 8)
+    assert len(snapshots) == 4
+    best = load_model(tiny_model_dir, adapter_dir=tmp_path / "es" / "adapter")
+    loaded = lora_weights(best)
+    assert loaded.keys() == snapshots[1].keys()
+    for name, w in loaded.items():
+        assert torch.equal(w, snapshots[1][name]), name
+
+
+def test_train_stage(world, tiny_model_dir, tokenizer, tmp_path):
+    """The stage glue on upstream artifacts built by the real trie and cf_dist stages (q uniform)."""
+    import yaml
+
+    from pipeline.stages import cf_dist, train
+    from pipeline.stages import trie as trie_stage
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "stages.yaml").read_text())["params"]
+    params["tca"]["cf_source"] = "uniform"
+    params["train"] |= {"epochs": 1, "micro_batch": 4, "grad_accum": 2, "valid_beams": 10, "log_every": 1}
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "data").mkdir(parents=True)
+    pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": TITLES[1:]}).write_parquet(artifacts / "data" / "items.parquet")
+    (artifacts / "subset").mkdir()
+    world["samples"].write_parquet(artifacts / "subset" / "train.parquet")
+    world["valid"].write_parquet(artifacts / "subset" / "valid.parquet")
+    shutil.copytree(tiny_model_dir, artifacts / "model")
+    for name, module in (("trie", trie_stage), ("cf_dist", cf_dist), ("train", train)):
+        (artifacts / name).mkdir()
+        module.run(StageContext(name, params, artifacts / name, artifacts, device_request="cpu"))
+    out = artifacts / "train"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and "valid" in log[-1]
+    assert not any((artifacts / ".resume").iterdir())
+    text = train.inspect(out, params)
+    assert "LoRA r=8" in text and "valid epoch 1" in text and "3 optimizer steps" in text
