@@ -5,7 +5,7 @@ same samples. The `eval` stage and the trainer's validation both call `evaluate`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -14,6 +14,7 @@ import torch
 
 from tca.cf.base import CFModel, pad_histories
 from tca.decode import DeviceTrie, beam_search, ranked_items
+from tca.config import check_keys
 from tca.errors import TcaError
 from tca.metrics import KS, list_ranks, ranking_metrics, target_ranks
 from tca.prompt import PromptBuilder
@@ -33,10 +34,7 @@ class EvalConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "EvalConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise TcaError(f"eval.{unknown[0]}: unknown param; the eval section accepts {sorted(known | {'split'})}")
+        check_keys(cls, params, "eval", also=("split",))
         cfg = cls(**params)
         for key in ("num_beams", "batch_size"):
             if getattr(cfg, key) < 1:

@@ -7,13 +7,14 @@ right-padded: a causal model's real tokens never attend to the padding after the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
+from tca.config import check_keys
 from tca.errors import TcaError
 from tca.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
@@ -30,10 +31,7 @@ class LoraSettings:
 
     @classmethod
     def from_params(cls, section: dict) -> "LoraSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise TcaError(f"lora.{unknown[0]}: unknown param; the lora section accepts {sorted(known)}")
+        check_keys(cls, section, "lora")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 

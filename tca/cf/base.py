@@ -9,13 +9,14 @@ column (oldest first) into that tensor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import polars as pl
 import torch
 from torch import nn
 
+from tca.config import check_keys
 from tca.errors import TcaError
 
 
@@ -39,10 +40,7 @@ class CFConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "CFConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise TcaError(f"cf.{unknown[0]}: unknown param; the cf section accepts {sorted(known)}")
+        check_keys(cls, params, "cf")
         cfg = cls(**params)
         if cfg.loss not in ("ce", "bce"):
             raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce or bce")
