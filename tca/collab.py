@@ -3,11 +3,12 @@
 For a sample with gold item g, position t of g's target ids has candidates C_t (the items whose
 ids start with y_<t); q_t puts on each next token v the CF softmax mass (over C_t) of the items
 whose next id is v. That turns an item-level CF model into token-level soft labels for the LLM.
-Scores come from the CF model in torch batches; the per-sample walk is a Numba kernel.
+Scores come from the CF model in torch batches, in the trie's sorted item order (what the
+kernel sweeps); the per-sample walk is a Numba kernel.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,9 @@ class TokenDist:
     dropped: np.ndarray  # float64 [P]: mass top_k removed before renormalizing (0 without top_k)
 
 
-def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: CollabConfig) -> TokenDist:
-    """q_t for every position of every sample (gold items `items`); scores: [B, N+1] CF scores by item id, None if uniform."""
+def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: CollabConfig, trie_order: bool = False) -> TokenDist:
+    """q_t for every position of every sample (gold items `items`). scores: CF scores [B, N+1] by
+    item id, or [B, N] in trie.item_order when `trie_order` (as `trie_scorer` gives them); None if uniform."""
     items = np.asarray(items, dtype=np.int64)
     rank = trie.item_rank[np.clip(items, 0, len(trie.item_rank) - 1)]
     missing = (items < 0) | (items >= len(trie.item_rank)) | (rank < 0)
@@ -59,10 +61,16 @@ def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: 
     if uniform:
         scores = np.zeros((len(items), 0), dtype=np.float32)
     else:
-        scores = np.ascontiguousarray(torch.as_tensor(scores).detach().float().cpu().numpy())  # one compiled signature
-        if scores.shape[0] != len(items) or scores.shape[1] <= trie.item_order.max():
-            raise TcaError(f"CF scores of shape {scores.shape} do not cover {len(items)} samples x item ids 0..{trie.item_order.max()}; "
+        scores = torch.as_tensor(scores).detach()
+        top_id = int(trie.item_order.max())
+        fits = scores.shape[1] == len(trie.item_order) if trie_order else scores.shape[1] > top_id
+        if scores.ndim != 2 or scores.shape[0] != len(items) or not fits:
+            cover = f"the {len(trie.item_order)} trie items in trie order" if trie_order else f"item ids 0..{top_id}"
+            raise TcaError(f"CF scores of shape {tuple(scores.shape)} do not cover {len(items)} samples x {cover}; "
                            "the CF model and the trie come from different data: rerun the cf and trie stages")
+        if not trie_order:
+            scores = scores[:, torch.from_numpy(trie.item_order.astype(np.int64)).to(scores.device)]
+        scores = np.ascontiguousarray(scores.float().cpu().numpy())  # one compiled signature
     n_pos, n_ent = count_entries(rank, cfg.top_k, trie.child_ptr, trie.child_node, trie.node_hi)
     pos_start, ent_start = np.cumsum(n_pos) - n_pos, np.cumsum(n_ent) - n_ent
     pos_end = np.empty(n_pos.sum(), dtype=np.int64)
@@ -72,7 +80,7 @@ def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: 
     bad = np.zeros(len(items), dtype=np.bool_)
     fill_entries(
         scores, rank, pos_start, ent_start, 1.0 / cfg.temperature, uniform, cfg.top_k,
-        trie.child_ptr, trie.child_token, trie.child_node, trie.node_lo, trie.node_hi, trie.item_order,
+        trie.child_ptr, trie.child_token, trie.child_node, trie.node_lo, trie.node_hi,
         pos_end, token, prob, dropped, bad,
     )  # fmt: skip
     if bad.any():
@@ -86,13 +94,27 @@ def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: 
     )
 
 
+def trie_scorer(model: CFModel, trie: Trie, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """history [B, L] -> CF scores [B, N] in trie.item_order, under no_grad. A model that keeps
+    CFModel's dot-product `score` gets them from one matmul against its item vectors permuted once
+    (no gather per batch); a model with its own `score` has that gathered into the order."""
+    order = torch.from_numpy(trie.item_order.astype(np.int64)).to(device)
+    dot = type(model).score is CFModel.score
+    with torch.no_grad():
+        items = model.item_embeddings()[order].T.contiguous() if dot else None  # [d, N]
+
+    @torch.no_grad()
+    def score(history: torch.Tensor) -> torch.Tensor:
+        return model.encode_users(history) @ items if dot else model.score(history)[:, order]
+
+    return score
+
+
 def stream_token_dist(
     trie: Trie, batches: Iterable[pl.DataFrame], model: CFModel | None, cfg: CollabConfig, device: str = "cpu"
 ) -> Iterator[tuple[np.ndarray, TokenDist]]:
     """(sample ids, q_t) per batch of samples (`sample_id`, `history`, `item_id`), CF-scored under no_grad."""
+    score = trie_scorer(model, trie, device) if cfg.cf_source == "model" else None
     for df in batches:
-        scores = None
-        if cfg.cf_source == "model":
-            with torch.no_grad():
-                scores = model.score(pad_histories(df["history"], model.cfg.max_len).to(device))
-        yield df["sample_id"].to_numpy(), token_dist(trie, df["item_id"].to_numpy(), scores, cfg)
+        scores = None if score is None else score(pad_histories(df["history"], model.cfg.max_len).to(device))
+        yield df["sample_id"].to_numpy(), token_dist(trie, df["item_id"].to_numpy(), scores, cfg, trie_order=True)
