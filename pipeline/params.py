@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import yaml
 
@@ -31,27 +32,47 @@ def select(flat: dict, declared: list[str]) -> dict:
     return dict(sorted(chosen.items()))
 
 
-def _coerce(key: str, text: str, default):
-    value = yaml.safe_load(text) if text.strip() else ""
+def _check(what: str, value, default):
+    """`value` (already parsed) if it fits the type of `default`; else an error starting with `what`."""
     if default is None or value is None:
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        raise TcaError(f"--set {key}={text}: expected true or false")
+        raise TcaError(f"{what}: expected true or false")
     if isinstance(default, (int, float)) and isinstance(value, bool):
-        raise TcaError(f"--set {key}={text}: expected a number like {default!r}")
+        raise TcaError(f"{what}: expected a number like {default!r}")
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
     if isinstance(default, int) and isinstance(value, float):
-        raise TcaError(f"--set {key}={text}: expected an integer like {default!r}")
-    if isinstance(default, str):
-        return text  # keep the text as typed: `data.source=recbole:/x` or a numeric-looking id
+        raise TcaError(f"{what}: expected an integer like {default!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise TcaError(f"{what}: expected a string like {default!r} (quote it in YAML)")
     if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-        raise TcaError(f"--set {key}={text}: expected a number like {default!r}")
+        raise TcaError(f"{what}: expected a number like {default!r}")
     if isinstance(default, list) and not isinstance(value, list):
-        raise TcaError(f"--set {key}={text}: expected a list like {default!r} (YAML syntax: [a, b])")
+        raise TcaError(f"{what}: expected a list like {default!r} (YAML syntax: [a, b])")
     return value
+
+
+def _coerce(key: str, text: str, default):
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(default, str) and value is not None:
+        return text  # keep the text as typed: `data.source=recbole:/x` or a numeric-looking id
+    return _check(f"--set {key}={text}", value, default)
+
+
+def _assign(tree: dict, key: str, value) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _unknown(what: str, flat: dict) -> TcaError:
+    valid = "\n  ".join(sorted(flat))
+    return TcaError(f"{what}: unknown param.\nValid params:\n  {valid}")
 
 
 def apply_overrides(defaults: dict, assignments: list[str]) -> dict:
@@ -64,11 +85,24 @@ def apply_overrides(defaults: dict, assignments: list[str]) -> dict:
         if not sep or not key:
             raise TcaError(f"--set {assignment!r}: expected key=value, e.g. --set train.alpha=0.3")
         if key not in flat:
-            valid = "\n  ".join(sorted(flat))
-            raise TcaError(f"--set {key}: unknown param. Valid params:\n  {valid}")
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = _coerce(key, text, flat[key])
+            raise _unknown(f"--set {key}", flat)
+        _assign(tree, key, _coerce(key, text, flat[key]))
+    return tree
+
+
+def apply_file(defaults: dict, path: Path) -> dict:
+    """Defaults with the values of a params file (nested YAML like stages.yaml `params:`, any
+    subset of its keys, e.g. params/paper.yaml) applied, each checked like a `--set`."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise TcaError(f"--params {path}: cannot read it: {err}") from err
+    if not isinstance(doc, dict):
+        raise TcaError(f"--params {path}: expected a mapping of param sections, like stages.yaml `params:`")
+    tree = copy.deepcopy(defaults)
+    flat = flatten(defaults)
+    for key, value in flatten(doc).items():
+        if key not in flat:
+            raise _unknown(f"{path}: {key}", flat)
+        _assign(tree, key, _check(f"{path}: {key}: {value!r}", value, flat[key]))
     return tree

@@ -27,7 +27,7 @@ from tca.errors import TcaError
 from .context import StageContext
 from .graph import Graph, Stage, load_graph
 from .hashing import HashCache, atomic_write_text
-from .params import apply_overrides, flatten, select
+from .params import apply_file, apply_overrides, flatten, select
 from .runcache import RunCache
 
 
@@ -62,10 +62,12 @@ def _human(size: int) -> str:
 
 
 class Project:
-    def __init__(self, root: Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto"):
+    def __init__(self, root: Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
+                 params_file: Path | None = None):
         self.root = root.resolve()
         self.graph: Graph = load_graph(self.root / "stages.yaml")
-        self.params = apply_overrides(self.graph.defaults, list(overrides))
+        base = apply_file(self.graph.defaults, params_file) if params_file else self.graph.defaults
+        self.params = apply_overrides(base, list(overrides))  # --set wins over --params FILE
         self.flat = flatten(self.params)
         self.device = device
         self.artifacts = self.root / "artifacts"
@@ -73,6 +75,7 @@ class Project:
         self.hashes = HashCache(self.artifacts / ".cache" / "hashes.json")
         self.cache = RunCache(self.artifacts / ".cache" / "runs")
         self._tree_memo: dict[Path, str] = {}
+        self.restored: list[str] = []  # stages the last `run` restored from the run cache
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
 
@@ -218,6 +221,7 @@ class Project:
             order = self.plan(targets, force, upstream, downstream)
             forced = set(order) if force and targets is None else set(targets or []) if force else set()
             ran: list[str] = []
+            self.restored = []
             lock = self.lock()
             for name in order:
                 stage = self.graph.stages[name]
@@ -230,13 +234,15 @@ class Project:
                     ran.append(name)
                     continue
                 log(f"{name}: running ({'; '.join(reasons)})")
-                self.execute(stage, use_cache=name not in forced, log=log)
+                if self.execute(stage, use_cache=name not in forced, log=log):
+                    self.restored.append(name)
                 lock = self.lock()
                 ran.append(name)
             self.hashes.save()
             return ran
 
-    def execute(self, stage: Stage, use_cache: bool = True, log=print) -> None:
+    def execute(self, stage: Stage, use_cache: bool = True, log=print) -> bool:
+        """Compute the stage (or restore it from the run cache: returns True) and lock it."""
         fp = self.fingerprint(stage)
         key = fp.key
         scratch = self.artifacts / ".tmp"
@@ -254,6 +260,7 @@ class Project:
         else:
             ctx = StageContext(name=stage.name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device)
             self.module(stage).run(ctx)
+        took = time.perf_counter() - start
         missing = [out for out in stage.outs if not (tmp / out).exists()]
         if missing:
             raise TcaError(f"stage `{stage.name}` did not write {', '.join(missing)} (declared in stages.yaml `outs`)")
@@ -264,13 +271,14 @@ class Project:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         self._tree_memo = {p: h for p, h in self._tree_memo.items() if not p.is_relative_to(final)}
-        entry = {"key": key, "code": fp.code, "deps": fp.deps, "params": fp.params, "outs": self.outputs(stage)}
+        seconds = cached.get("seconds") if cached is not None else round(took, 1)  # what computing it took
+        entry = {"key": key, "code": fp.code, "deps": fp.deps, "params": fp.params, "outs": self.outputs(stage), "seconds": seconds}
         if cached is None:
             self.cache.save(stage.name, key, final, entry)
         self._write_lock_entry(stage.name, entry)
-        took = time.perf_counter() - start
         how = "restored from the run cache" if cached is not None else f"done in {took:.1f} s"
         log(f"{stage.name}: {how}; wrote artifacts/{stage.name}/: " + ", ".join(self._describe(final / out) for out in stage.outs))
+        return cached is not None
 
     def _cache_intact(self, stage: Stage, key: str, entry: dict) -> bool:
         kept = self.cache.output_dir(stage.name, key)

@@ -14,8 +14,10 @@ if TYPE_CHECKING:  # torch-backed: imported inside the functions so `tca status`
     from tca.cf.train import Samples
 
 
-def read_splits(data: Path, max_len: int) -> tuple[int, dict[str, Samples]]:
-    """Number of items and the train/valid/test samples of the data artifact."""
+def read_splits(data: Path, max_len: int, train_fraction: float = 1.0, seed: int = 0) -> tuple[int, dict[str, Samples]]:
+    """Number of items and the train/valid/test samples of the data artifact (train cut to
+    `train_fraction` of its rows, whole users at a time)."""
+    from tca.cf.subsample import user_fraction
     from tca.cf.train import Samples
 
     item_ids = pl.read_parquet(data / "items.parquet", columns=["item_id"])["item_id"]
@@ -26,7 +28,10 @@ def read_splits(data: Path, max_len: int) -> tuple[int, dict[str, Samples]]:
     for split in ("train", "valid", "test"):
         path = data / f"{split}.parquet"
         try:
-            splits[split] = Samples.from_frame(pl.read_parquet(path, columns=["history", "item_id", "user_id", "timestamp"]), max_len)
+            frame = pl.read_parquet(path, columns=["history", "item_id", "user_id", "timestamp"])
+            if split == "train":
+                frame = user_fraction(frame, train_fraction, seed)
+            splits[split] = Samples.from_frame(frame, max_len)
         except pl.exceptions.ColumnNotFoundError as e:
             raise TcaError(f"{path}: needs columns history and item_id ({e}); rerun the data stage") from e
     return n_items, splits
@@ -38,7 +43,7 @@ def run(ctx: StageContext) -> None:
     from tca.cf.train import evaluate, evaluate_popularity, train_cf
 
     cfg = CFConfig.from_params(ctx.section("cf"))
-    n_items, splits = read_splits(ctx.input("data"), cfg.max_len)
+    n_items, splits = read_splits(ctx.input("data"), cfg.max_len, cfg.train_fraction, cfg.seed)
     splits["test"].check(n_items, "test")
     ctx.log(f"{cfg.model} ({cfg.loss}) on {len(splits['train'])} train samples, {n_items} items, device {ctx.device}")
     model, result = train_cf(cfg, n_items, splits["train"], splits["valid"], ctx.device)

@@ -37,6 +37,7 @@ class CFConfig:
     max_epochs: int = 200
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
     seed: int = 42
+    train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
 
     @classmethod
     def from_params(cls, params: dict) -> "CFConfig":
@@ -48,6 +49,8 @@ class CFConfig:
             raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
         if not 0 < cfg.mask_prob <= 1:
             raise TcaError(f"cf.mask_prob: {cfg.mask_prob} must be in (0, 1]")
+        if not 0 < cfg.train_fraction <= 1:
+            raise TcaError(f"cf.train_fraction: {cfg.train_fraction} must be in (0, 1] (1 = the whole train split)")
         for key in ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "patience"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"cf.{key}: {getattr(cfg, key)} must be >= 1")

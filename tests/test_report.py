@@ -1,0 +1,102 @@
+"""`tca report` from fixture records: the markdown table (best per metric column in bold), the
+section order, and real PNG plots (a line plot for a one-param sweep, bars otherwise)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from pipeline.experiments import Experiment
+from pipeline.report import Row, table, varying_param, write_report
+from pipeline.sweep import Variant
+from tca.errors import TcaError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics(hr5, ndcg5, hr10, ndcg10, cc=None):
+    values = {"hr@5": hr5, "ndcg@5": ndcg5, "hr@10": hr10, "ndcg@10": ndcg10}
+    return values if cc is None else {**values, "cc": cc}
+
+
+def record(experiment, variant, llm, cf=None, own=(), base=(), show="llm", params=None, seconds=None, index=0):
+    return {
+        "experiment": experiment, "variant": variant, "index": index, "show": show, "set": list(own),
+        "overrides": [*base, *own], "params_file": None, "command": "tca run " + " ".join(f"--set {a}" for a in [*base, *own]),
+        "params": {"train.loss": "tca", "tca.alpha": 0.1, **(params or {})},
+        "metrics": {"split": "test", "n_samples": 256, "llm": llm, "cf": cf or metrics(0.1, 0.06, 0.17, 0.087),
+                    "decode": {"device": "cpu"}},
+        "seconds": seconds or {"cf": 61.0, "train": 725.2, "eval": 371.6}, "keys": {}, "commit": "abc123",
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0"}, "finished": f"2026-01-01T00:00:{index:02d}",
+    }
+
+
+MAIN = [
+    record("main", "SASRec", metrics(0, 0, 0, 0, 0.02), show="cf", index=0),
+    record("main", "TallRec", metrics(0.0234, 0.0150, 0.0469, 0.0226, 0.1), own=["train.loss=ntp"], params={"train.loss": "ntp"}, index=1),
+    record("main", "TallRec+TCA", metrics(0.0313, 0.0201, 0.0469, 0.0250, 0.3), own=["train.loss=tca"],
+           seconds={"cf": 61.0, "train": 4000.0}, index=2),
+]
+ALPHA = [record("alpha", f"tca.alpha={a}", metrics(a / 10, a / 20, a / 5, a / 10 - a * a / 10, 0.1 + a / 2), own=[f"tca.alpha={a}"],
+                base=["train.backbone=msl"], params={"tca.alpha": a}, index=i) for i, a in enumerate([0.5, 0, 0.1, 0.9])]
+
+
+def test_table_bolds_the_best_of_each_metric_column():
+    expected = "\n".join([
+        "| variant | key params | HR@5 | NDCG@5 | HR@10 | NDCG@10 | CC | train time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| SASRec | CF teacher | **0.1000** | **0.0600** | **0.1700** | **0.0870** | – | 1m 01s |",
+        "| TallRec | train.loss=ntp | 0.0234 | 0.0150 | 0.0469 | 0.0226 | 0.1000 | 12m 05s |",
+        "| TallRec+TCA | train.loss=tca | 0.0313 | 0.0201 | 0.0469 | 0.0250 | **0.3000** | 1h 06m |",
+    ])
+    assert table([Row(r) for r in MAIN]) == expected
+    tied = table([Row(r) for r in MAIN[1:]]).splitlines()
+    assert tied[2].split(" | ")[4] == tied[3].split(" | ")[4] == "0.0469"  # equal HR@10 everywhere: nothing bold
+    assert "**0.0313**" in tied[3] and "**0.0234**" not in tied[2]
+
+
+def test_varying_param_finds_the_one_numeric_param():
+    assert varying_param([Row(r) for r in ALPHA]) == "tca.alpha"
+    assert varying_param([Row(r) for r in MAIN]) == "train.loss" or varying_param([Row(r) for r in MAIN]) is None
+    assert varying_param([Row(r) for r in MAIN]) is None  # a string param: bars, not a line
+    assert varying_param([Row(ALPHA[0])]) is None
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_writes_tables_and_png_plots(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    for doc in MAIN + ALPHA + [record("runs", "defaults", metrics(0, 0, 0, 0, 0.0))]:
+        path = artifacts / "experiments" / doc["experiment"] / f"{doc['variant']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+    spec = {"alpha": Experiment("alpha", "Figure 2", ("train.backbone=msl",), []),
+            "main": Experiment("main", "Table 3", (), [Variant("SASRec", ()), Variant("TallRec", ()), Variant("LLaRA", ())])}
+    out = tmp_path / "report"
+    files = write_report(artifacts, out, spec)
+    assert files == [out / "report.md", out / "alpha.png", out / "main.png"]
+    text = (out / "report.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## alpha", "## main", "## runs"]
+    alpha = text[text.index("## alpha"): text.index("## main")]
+    assert "Figure 2" in alpha and "Every row: `--set train.backbone=msl`" in alpha
+    rows = [line.split(" | ")[0] for line in alpha.splitlines() if line.startswith("| tca.alpha")]
+    assert rows == ["| tca.alpha=0.5", "| tca.alpha=0", "| tca.alpha=0.1", "| tca.alpha=0.9"]  # run order
+    assert "On 256 test samples; commit abc123; Test CPU (2 cores), torch 2.13.0, device cpu." in alpha
+    assert "![alpha](alpha.png)" in alpha and "- tca.alpha=0.9: `tca run --set train.backbone=msl --set tca.alpha=0.9`" in alpha
+    main = text[text.index("## main"): text.index("## runs")]
+    assert "Not finished: LLaRA." in main and "| TallRec+TCA | train.loss=tca | 0.0313 |" in main  # the CF row is best
+    for png in files[1:]:
+        width, height = png_size(png)
+        assert width > 300 and height > 200 and png.stat().st_size > 5000
+    assert not (out / "runs.png").exists()
+
+
+def test_report_without_records_says_what_to_run(tmp_path):
+    with pytest.raises(TcaError, match="tca experiment"):
+        write_report(tmp_path / "artifacts", tmp_path / "report", {})
