@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = {"prompt": {}}  # the default prompt, as stages.yaml has it
-    model, builder, trie, _ = load_recommender(args.artifacts, params, "cpu")
+    model, builder, trie, _, _ = load_recommender(args.artifacts, params, "cpu")
     targets = pl.read_parquet(args.artifacts / "trie" / "items.parquet")
     eos = int(targets["token_ids"][0][-1])
     samples = pl.read_parquet(args.artifacts / "subset" / f"{args.split}.parquet").head(args.samples)

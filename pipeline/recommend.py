@@ -56,14 +56,15 @@ def recommend(project: Project, titles: list[str], user: int | None, top_k: int)
     items = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"])
     history = history_of_titles(items, titles) if titles else history_of_user(data, user, project.params["data"]["history_len"])
     device = project.device if project.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    model, builder, trie, names = load_recommender(project.artifacts, project.params, device)
+    model, builder, trie, names, hybrid = load_recommender(project.artifacts, project.params, device)
     cfg, _ = eval_config(project.params)
     cfg = replace(cfg, num_beams=max(cfg.num_beams, top_k))
-    ranked, scores = rank(model, builder, trie, pl.Series([history], dtype=pl.List(pl.Int64)), cfg)
+    ranked, scores = rank(model, builder, trie, pl.Series([history], dtype=pl.List(pl.Int64)), cfg, hybrid=hybrid)
     adapter = project.artifacts / "train" / "adapter"
+    prompts = "" if hybrid is None else f"{hybrid.backbone} prompts, "
     lines = [f"history ({'user ' + str(user) + ', ' if user is not None else ''}oldest first):",
              *(f"    {names[i]}" for i in history),
-             f"top {top_k} ({'adapter ' + str(adapter) if adapter.is_dir() else 'no trained adapter: the base model'}; "
+             f"top {top_k} ({'adapter ' + str(adapter) if adapter.is_dir() else 'no trained adapter: the base model'}; {prompts}"
              f"{cfg.num_beams} beams, score = log-prob / length ** {cfg.length_penalty}):"]
     lines += [f"  {r + 1:>2}. {scores[0, r]:8.3f}  {names[i]}" for r, i in enumerate(ranked[0, :top_k]) if i > 0]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tca.beam_attention import BeamKV, switched_to
+from tca.hybrid_prompt import input_embeds
 from tca.prompt import Prompts
 from tca.ragged import concat_ranges, pad
 from tca.trie import Trie
@@ -43,18 +44,20 @@ class DeviceTrie:
         return self.child_ptr[nodes + 1] == self.child_ptr[nodes]
 
 
-def _forward(model, ids: torch.Tensor, position: torch.Tensor, kv: BeamKV) -> torch.Tensor:
-    """The next-token logits [R, V] at the last position; adds the rows' keys/values to `kv`."""
-    out = model(input_ids=ids, position_ids=position, beam_kv=kv, use_cache=False, logits_to_keep=1)
+def _forward(model, position: torch.Tensor, kv: BeamKV, **tokens) -> torch.Tensor:
+    """The next-token logits [R, V] at the last position of `input_ids` (or `inputs_embeds`); adds the
+    rows' keys/values to `kv`."""
+    out = model(**tokens, position_ids=position, beam_kv=kv, use_cache=False, logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
 @torch.inference_mode()
 def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, length_penalty: float = 1.0,
-                renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool = False, slot_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `num_beams` best complete titles per prompt: their trie leaves [B, K] (-1 where fewer titles
     finished) and ranked scores [B, K] (-inf there). A title's score is the sum of its tokens' log-probs
     (full softmax, or softmax over the trie children with `renormalize`) / its length ** length_penalty.
+    Hybrid prompts (with `prompts.slot`) need the CF vectors of their slots (`HybridPrompt.vectors`).
     """
     device, K, lp = trie.child_ptr.device, num_beams, length_penalty
     lengths = torch.as_tensor(prompts.lengths, device=device)
@@ -62,8 +65,15 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
     ids = torch.from_numpy(pad(prompts.ids, prompts.lengths, fill=0, left=True)).to(device)  # pad id never attended
     prompt_mask = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - lengths[:, None]
     kv = BeamKV(prompt_mask, K)
+    if prompts.slot is None:
+        tokens = {"input_ids": ids}
+    else:
+        if slot_vectors is None:
+            raise ValueError("hybrid prompts need the CF vectors of their slots (slot_vectors)")
+        slot = torch.from_numpy(pad(prompts.slot, prompts.lengths, fill=0, left=True)).to(device)
+        tokens = {"inputs_embeds": input_embeds(model, ids, slot, slot_vectors)}
     with switched_to(model, ids.shape[1] + trie.max_depth):
-        return _search(model, trie, kv, _forward(model, ids, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv), lengths, K, lp, renormalize)
+        return _search(model, trie, kv, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), lengths, K, lp, renormalize)
 
 
 def _search(model, trie: DeviceTrie, kv: BeamKV, logits: torch.Tensor, lengths: torch.Tensor, K: int, lp: float,
@@ -114,7 +124,7 @@ def _search(model, trie: DeviceTrie, kv: BeamKV, logits: torch.Tensor, lengths: 
         sample, slot, score = new_sample, new_slot, run_score[new_sample, new_slot]
         node = trie.child_node[step_edge]
         kv.select(src, sample, slot)
-        logits = _forward(model, trie.child_token[step_edge][:, None], (lengths[sample] + t)[:, None], kv)
+        logits = _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=trie.child_token[step_edge][:, None])
     return torch.where(fin_score > NEG_INF, fin_node, -1), fin_score
 
 

@@ -16,8 +16,10 @@ from tca.cf.base import CFModel, pad_histories
 from tca.decode import DeviceTrie, beam_search, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
+from tca.hybrid_prompt import HybridPrompt
 from tca.metrics import KS, list_ranks, ranking_metrics, target_ranks
 from tca.prompt import PromptBuilder
+from tca.ragged import pad
 from tca.trie import Trie
 
 CF_BATCH = 1024
@@ -49,9 +51,10 @@ class Evaluation:
 
 
 def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, cfg: EvalConfig,
-              bar=None) -> tuple[np.ndarray, np.ndarray]:
+              bar=None, hybrid: HybridPrompt | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ranked item ids [S, num_beams] (0 = none) and their scores (-inf there) for each history
-    (list column of item ids, oldest first). Batches group prompts of similar length (less padding)."""
+    (list column of item ids, oldest first). Batches group prompts of similar length (less padding).
+    A builder with CF slots (LLaRA, CoLLM) needs the `hybrid` prompt that fills them."""
     lengths = histories.list.len().to_numpy().astype(np.int64)
     order = np.argsort(builder.build(histories.explode().drop_nulls().to_numpy(), lengths).lengths, kind="stable")
     dtrie = DeviceTrie(trie, next(model.parameters()).device)
@@ -64,7 +67,8 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
             rows = order[start : start + cfg.batch_size]
             batch = histories.gather(rows)
             prompts = builder.build(batch.explode().drop_nulls().to_numpy(), lengths[rows])
-            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize)
+            vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), batch)
+            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors)
             items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams)
             if bar is not None:
                 bar.update(len(rows))
@@ -86,14 +90,15 @@ def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple
 
 
 def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, cfg: EvalConfig,
-             cf: CFModel | None = None, bar=None) -> Evaluation:
-    """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists.
+             cf: CFModel | None = None, bar=None, hybrid: HybridPrompt | None = None) -> Evaluation:
+    """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists
+    (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts).
 
     With a CF model, also collaborative consistency (share of samples whose top-1 item is the CF
     model's top-1) and the CF model's own full-ranking metrics on the same samples.
     """
     start = time.perf_counter()
-    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar)
+    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
     seconds = time.perf_counter() - start
     target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
     found = items > 0

@@ -16,6 +16,7 @@ import torch
 
 from tca.config import check_keys
 from tca.errors import TcaError
+from tca.hybrid_prompt import PROJECTOR, Projector, input_embeds
 from tca.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
 
@@ -53,13 +54,15 @@ def use_bf16(device: str | torch.device, precision: str = "auto") -> bool:
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "cpu", lora: LoraSettings | None = None,
-               merge: bool = False, bf16: bool = False):
+               merge: bool = False, bf16: bool = False, cf_dim: int | None = None):
     """The base model from an HF dir (`model` stage), on `device`, in eval mode, its weights in bf16 or fp32.
 
     - `adapter_dir`: a saved LoRA adapter on top (for inference; `merge=True` folds it into the weights).
     - `lora`: a fresh trainable LoRA instead (for training; seed torch first for a reproducible init).
-    Only the LoRA weights are trainable in the returned peft model; they stay fp32 (peft's default), so
-    train under `torch.autocast(..., dtype=torch.bfloat16)` when `bf16`.
+    - `cf_dim`: the model also carries the hybrid prompts' projector from CF vectors of this size
+      (`tca.hybrid_prompt`), trained, saved and loaded with the LoRA weights (peft's `modules_to_save`).
+    Only the LoRA weights (and the projector) are trainable in the returned peft model; they stay fp32
+    (peft's default), so train under `torch.autocast(..., dtype=torch.bfloat16)` when `bf16`.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -67,13 +70,15 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     if adapter_dir is not None and lora is not None:
         raise ValueError("pass either adapter_dir (a trained adapter) or lora (a fresh one), not both")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
+    if cf_dim is not None:
+        model.add_module(PROJECTOR, Projector(cf_dim, model.config.hidden_size).to(device))
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merge:
             model = model.merge_and_unload()
     elif lora is not None:
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                            modules_to_save=None if cf_dim is None else [PROJECTOR], task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, config)
         except ValueError as err:  # e.g. a target module the architecture does not have
@@ -112,6 +117,8 @@ class Inputs:
     target_pos: torch.Tensor  # int64 [N]: flat index b * T + t of the hidden state that predicts each target id
     target: torch.Tensor  # int64 [N]: the target ids, sample by sample
     target_len: np.ndarray  # int64 [B]
+    slot: torch.Tensor | None = None  # int64 [B, T], hybrid prompts: item id at an item slot, -1 at the user slot, else 0
+    slot_vectors: torch.Tensor | None = None  # float [S, d]: the CF vector of each slot, row-major (HybridPrompt.fill)
 
     @property
     def n_tokens(self) -> int:
@@ -119,8 +126,9 @@ class Inputs:
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "Inputs":
+        move = lambda t: None if t is None else t.to(device)
         return Inputs(self.input_ids.to(device), self.attention_mask.to(device), self.target_pos.to(device),
-                      self.target.to(device), self.target_len)
+                      self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors))
 
 
 def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, items: np.ndarray, max_len: int,
@@ -147,13 +155,20 @@ def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, ite
         target_pos=torch.from_numpy(row[~in_prompt] * width + col[~in_prompt] - 1),
         target=torch.from_numpy(target),
         target_len=target_len,
+        slot=None if prompts.slot is None else torch.from_numpy(pad(np.where(in_prompt, prompts.slot[prompt_at], 0), lengths, fill=0)),
     )
 
 
 def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     """Final hidden states [N, d] at the positions that predict the target ids (the decoder runs on
-    the whole sequence; only these rows ever meet the LM head)."""
-    out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False)
+    the whole sequence; only these rows ever meet the LM head). Hybrid prompts enter as embeddings,
+    positions counted over the attended tokens (a masked-out slot takes none)."""
+    if inputs.slot is None:
+        tokens = {"input_ids": inputs.input_ids}
+    else:
+        tokens = {"inputs_embeds": input_embeds(model, inputs.input_ids, inputs.slot, inputs.slot_vectors),
+                  "position_ids": (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)}
+    out = model.get_decoder()(**tokens, attention_mask=inputs.attention_mask, use_cache=False)
     return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
 
 

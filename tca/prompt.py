@@ -5,6 +5,10 @@ and each item's quoted title are tokenized once, and a batch of prompts is assem
 gathering piece ranges (no tokenizer call and no Python loop per sample). Training, validation,
 evaluation and `tca recommend` all build prompts here, so the ids the LLM sees never differ
 between them; targets (`tca.trie.target_ids`) are appended as ids, never as text.
+
+Hybrid prompts (LLaRA, CoLLM: `tca.hybrid_prompt`) add CF embedding slots to the same template: a
+slot is a placeholder token that ends an item's piece (after its title) or sits in the tail (the
+user), so `build` and `fit` count and place slots like any other token.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import numpy as np
 
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, ragged_index
+
+SLOTS = ("item", "user")
+USER_SLOT_TEXT = "\nUser preference feature: "  # CoLLM's wording: the user's preferences "encoded in the feature"
 
 DEFAULT_INSTRUCTION = (
     "Given the user's interaction history, recommend the {domain} the user is most likely to interact with next."
@@ -33,27 +40,46 @@ class Prompts:
 
     ids: np.ndarray  # int64 [total tokens], prompts back to back
     lengths: np.ndarray  # int64 [B]
-    item_end: np.ndarray  # int64 [sum k]: per history item, its prompt position just after its title
+    item_end: np.ndarray  # int64 [sum k]: per history item, its prompt position just after its title (and slot)
+    slot: np.ndarray | None = None  # int64 [total tokens], with slots: item id at an item slot, -1 at the user slot, else 0
 
     def rows(self) -> list[np.ndarray]:
         return np.split(self.ids, np.cumsum(self.lengths)[:-1])
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, titles: list[str], cfg: PromptConfig = PromptConfig()):
-        """`titles[i]` is the title of item id i (index 0, the padding item, is never used)."""
+    def __init__(self, tokenizer, titles: list[str], cfg: PromptConfig = PromptConfig(), slots: tuple[str, ...] = ()):
+        """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
+        "item" puts a CF slot after each history title, "user" one after the history (its ids are
+        the pad token's; `tca.hybrid_prompt` replaces their input embeddings)."""
         try:
             head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "
         except (KeyError, IndexError) as err:
             raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
+        if set(slots) - set(SLOTS):
+            raise ValueError(f"slots {slots}: only {SLOTS}")
         tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"
-        texts = [f'"{t}"' for t in titles] + [head, ", ", tail]
+        texts = [f'"{t}"' for t in titles] + [head, ", ", tail, USER_SLOT_TEXT]
         pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        user_lead = pieces.pop()
         self.n_items = len(titles)
-        self.piece_len = np.array([len(p) for p in pieces], dtype=np.int64)
-        self.piece_start = np.cumsum(self.piece_len) - self.piece_len
-        self.piece_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
         self.HEAD, self.SEP, self.TAIL = self.n_items, self.n_items + 1, self.n_items + 2
+        slot_id = tokenizer.pad_token_id
+        if "user" in slots:  # the tail opens with the user's feature: text, then its slot
+            pieces[self.TAIL] = [*user_lead, slot_id, *pieces[self.TAIL]]
+        self.slots = tuple(slots)
+        self.piece_len = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.piece_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
+        slot = np.zeros_like(self.piece_ids)  # per token: what a slot there shows (0: not a slot)
+        if "user" in slots:
+            slot[self.piece_len[: self.TAIL].sum() + len(user_lead)] = -1
+        if "item" in slots:  # a slot token ends each item's piece, after its title
+            items = np.arange(1, self.n_items)
+            at = np.cumsum(self.piece_len)[items]
+            self.piece_ids, slot = np.insert(self.piece_ids, at, slot_id), np.insert(slot, at, items)
+            self.piece_len[items] += 1
+        self.piece_start = np.cumsum(self.piece_len) - self.piece_len
+        self.piece_slot = slot if slots else None
 
     def _check(self, history: np.ndarray) -> None:
         if len(history) and (history.min() < 1 or history.max() >= self.n_items):
@@ -73,10 +99,11 @@ class PromptBuilder:
         piece[col == 0] = self.HEAD
         piece[col == last] = self.TAIL
         lens = self.piece_len[piece]
-        ids = self.piece_ids[concat_ranges(self.piece_start[piece], lens)]
+        at = concat_ranges(self.piece_start[piece], lens)
         lengths = np.bincount(sample, weights=lens, minlength=len(hist_len)).astype(np.int64)
         ends = np.cumsum(lens) - np.repeat(np.cumsum(lengths) - lengths, n_pieces)  # position after each piece
-        return Prompts(ids=ids, lengths=lengths, item_end=ends[is_item])
+        return Prompts(ids=self.piece_ids[at], lengths=lengths, item_end=ends[is_item],
+                       slot=None if self.piece_slot is None else self.piece_slot[at])
 
     def fit(self, history: np.ndarray, hist_len: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The newest items of each ragged history whose prompt has at most `budget` tokens (per sample)."""

@@ -30,19 +30,20 @@ import torch
 from tca.collab_store import DistReader
 from tca.errors import TcaError
 from tca.evaluate import EvalConfig, evaluate
+from tca.hybrid_prompt import SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.prompt import PromptBuilder
 from tca.trie import Trie
 
-BACKBONES = ("tallrec", "msl")  # llara and collm need CF embeddings in the prompt: not yet
+BACKBONES = ("tallrec", "msl", *SLOTS)  # llara, collm: CF embeddings in the prompt (tca.hybrid_prompt)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` param section, plus `tca.alpha`."""
 
-    backbone: str = "tallrec"  # tallrec | msl (msl = tallrec + MSL's masked softmax)
+    backbone: str = "tallrec"  # tallrec | msl (msl = tallrec + MSL's masked softmax) | llara | collm
     loss: str = "tca"  # tca (soft NTP) | kl (w/o SA) | ntp (TallRec's plain NTP)
     alpha: float = 0.1  # tca.alpha
     msl: bool = False  # masked softmax over the trie children (on whenever backbone is msl)
@@ -63,11 +64,15 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps per log.jsonl line
     precision: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp32
     seed: int = 42
+    curriculum_start: float = 0.0  # llara: share of the steps after which hybrid prompts start replacing text-only ones
+    curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
-            raise TcaError(f"train.backbone: {self.backbone!r} is not one of {', '.join(BACKBONES)} "
-                           "(llara and collm need CF embeddings in the prompt and are not implemented yet)")
+            raise TcaError(f"train.backbone: {self.backbone!r} is not one of {', '.join(BACKBONES)}")
+        if not 0 <= self.curriculum_start <= self.curriculum_end <= 1:
+            raise TcaError(f"train.curriculum_start ({self.curriculum_start}) and train.curriculum_end "
+                           f"({self.curriculum_end}) must satisfy 0 <= start <= end <= 1")
         for key in ("epochs", "micro_batch", "grad_accum", "max_len", "valid_beams", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise TcaError(f"train.{key}: {getattr(self, key)} must be >= 1")
@@ -99,14 +104,18 @@ class Batcher:
     """Sample rows (`sample_id`, `history`, `item_id`) -> model inputs and loss labels."""
 
     def __init__(self, builder: PromptBuilder, targets: ItemTargets, trie: Trie, dist: DistReader | None,
-                 cfg: LossConfig, max_len: int, pad_id: int):
+                 cfg: LossConfig, max_len: int, pad_id: int, hybrid: HybridPrompt | None = None):
+        """`hybrid`: the CF slots of LLaRA / CoLLM prompts (`builder` then has those slots)."""
         if cfg.uses_q and dist is None:
             raise TcaError(f"train.loss={cfg.loss} needs q from the cf_dist stage")
         self.builder, self.targets, self.trie, self.dist = builder, targets, trie, dist
-        self.cfg, self.max_len, self.pad_id = cfg, max_len, pad_id
+        self.cfg, self.max_len, self.pad_id, self.hybrid = cfg, max_len, pad_id, hybrid
 
-    def __call__(self, rows: pl.DataFrame) -> tuple[Inputs, Labels]:
+    def __call__(self, rows: pl.DataFrame, progress: float = 1.0) -> tuple[Inputs, Labels]:
+        """`progress`: the share of training done (LLaRA's curriculum mixes text-only prompts in before its end)."""
         inputs = encode(self.builder, self.targets, rows["history"], rows["item_id"].to_numpy(), self.max_len, self.pad_id)
+        if self.hybrid is not None:
+            inputs = self.hybrid.fill(inputs, rows["history"], progress)
         soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
         return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
 
@@ -214,7 +223,7 @@ class Trainer:
         n_target = int(self.target_len[rows].sum())
         loss_sum, n_tokens = 0.0, 0
         for start in range(0, len(rows), self.cfg.micro_batch):
-            inputs, labels = self.batcher(self.samples[rows[start : start + self.cfg.micro_batch]])
+            inputs, labels = self.batcher(self.samples[rows[start : start + self.cfg.micro_batch]], self.state["step"] / self.total_steps)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg)
             (loss / n_target).backward()
@@ -231,7 +240,7 @@ class Trainer:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
         cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            metrics = evaluate(self.model, self.batcher.builder, self.batcher.trie, self.valid, cfg).metrics["llm"]
+            metrics = evaluate(self.model, self.batcher.builder, self.batcher.trie, self.valid, cfg, hybrid=self.batcher.hybrid).metrics["llm"]
         value = metrics[self.cfg.valid_metric]
         best = self.state["best"] is None or value > self.state["best"]
         if best:

@@ -221,7 +221,7 @@ def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, 
 
     values, snapshots = iter([0.2, 0.5, 0.4, 0.3, 0.9]), []
 
-    def fake_evaluate(model, builder, trie, samples, cfg):
+    def fake_evaluate(model, builder, trie, samples, cfg, hybrid=None):
         snapshots.append(lora_weights(model))
         return Evaluation({"llm": {"hr@5": next(values)}}, None)
 

@@ -12,23 +12,30 @@ SPLITS = ("valid", "test")
 SHOWN = 3  # samples `tca inspect eval` prints
 
 
-def load_recommender(artifacts: Path, params: dict, device: str):
-    """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id)
-    from the artifacts of upstream stages."""
+def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
+    """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id,
+    hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
+    (LLaRA, CoLLM: `adapter/hybrid.json`) gets its CF slots filled by `cf` (default: the cf stage's)."""
     import polars as pl
     from transformers import AutoTokenizer
 
+    from tca.cf.registry import load_checkpoint
+    from tca.hybrid_prompt import RECORD, HybridPrompt
     from tca.llm import load_model
     from tca.prompt import PromptBuilder, PromptConfig
     from tca.trie import Trie
 
     adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
-    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True)
+    hybrid = None
+    if (adapter / RECORD).exists():
+        hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
+    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
+                       cf_dim=None if hybrid is None else hybrid.cf_dim)
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
     items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
     titles = ["", *items["title"].to_list()]  # item ids are 1..N; 0 is padding
-    builder = PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]))
-    return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles
+    builder = PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]), () if hybrid is None else hybrid.slots)
+    return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles, hybrid
 
 
 def eval_config(params: dict):
@@ -51,13 +58,14 @@ def run(ctx: StageContext) -> None:
 
     cfg, split = eval_config(ctx.params)
     samples = pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
-    model, builder, trie, _ = load_recommender(ctx.artifacts, ctx.params, ctx.device)
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+    model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
     adapter = ctx.input("train") / "adapter"
     ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
-            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}, device {ctx.device}")
-    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
+            f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
-        result = evaluate(model, builder, trie, samples, cfg, cf, bar)
+        result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
     result.predictions.write_parquet(ctx.out / "predictions.parquet")
     metrics = {"split": split, **result.metrics}
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,5 +1,8 @@
 """Stage `train`: LoRA fine-tuning of the base LLM on the train subset; writes adapter/ and log.jsonl.
 
+The hybrid backbones (llara, collm) read the frozen CF model of the `cf` stage and write their
+projector into the adapter, with `adapter/hybrid.json` saying which backbone and CF model it serves.
+
 The trainer checkpoints into artifacts/.resume/train-<key>/, keyed by the stage's params and the
 identity of its inputs, outside the runner's temporary output dir (which a rerun wipes): rerunning
 after an interruption resumes there with the same params and inputs. It is removed on success.
@@ -15,7 +18,7 @@ from pipeline.context import StageContext
 
 PARAMS = ("train", "lora", "tca.alpha", "prompt")
 INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
-          "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet")
+          "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet", "cf/model.pt")
 
 
 def resume_dir(ctx: StageContext) -> Path:
@@ -28,8 +31,8 @@ def resume_dir(ctx: StageContext) -> Path:
     return ctx.artifacts / ".resume" / f"train-{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
 
 
-def load_batcher(artifacts: Path, params: dict, cfg):
-    """The Batcher (prompts, targets, trie, q) of the train stage from the upstream artifacts."""
+def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
+    """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts."""
     import polars as pl
     from transformers import AutoTokenizer
 
@@ -41,35 +44,45 @@ def load_batcher(artifacts: Path, params: dict, cfg):
 
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
     items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
-    builder = PromptBuilder(tokenizer, ["", *items["title"].to_list()], PromptConfig(**params["prompt"]))
+    builder = PromptBuilder(tokenizer, ["", *items["title"].to_list()], PromptConfig(**params["prompt"]),
+                            () if hybrid is None else hybrid.slots)
     trie = Trie.load(artifacts / "trie" / "trie.npz")
     table = pl.read_parquet(artifacts / "trie" / "items.parquet")
     dist = DistReader(artifacts / "cf_dist" / "dist.zarr", trie) if cfg.loss_config.uses_q else None
     return Batcher(builder, ItemTargets(table["item_id"].to_numpy(), table["token_ids"]), trie, dist, cfg.loss_config,
-                   cfg.max_len, tokenizer.pad_token_id)
+                   cfg.max_len, tokenizer.pad_token_id, hybrid)
 
 
 def run(ctx: StageContext) -> None:
     import polars as pl
     import torch
 
+    from tca.cf.registry import load_checkpoint
+    from tca.hybrid_prompt import SLOTS, HybridPrompt
     from tca.llm import LoraSettings, load_model, use_bf16
     from tca.train import TrainConfig, Trainer
 
     cfg = TrainConfig.from_params(ctx.section("train"), ctx.param("tca.alpha"))
     lora = LoraSettings.from_params(ctx.section("lora"))
-    batcher = load_batcher(ctx.artifacts, ctx.params, cfg)
+    hybrid = None
+    if cfg.backbone in SLOTS:
+        cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+        hybrid = HybridPrompt(cf, cfg.backbone, (cfg.curriculum_start, cfg.curriculum_end))
+        ctx.log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
+    batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid)
     columns = ["sample_id", "history", "item_id"]
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
     valid = pl.read_parquet(ctx.input("subset") / "valid.parquet", columns=columns) if cfg.eval_every else None
 
-    torch.manual_seed(cfg.seed)  # the LoRA init and the dropout draws
+    torch.manual_seed(cfg.seed)  # the LoRA (and projector) init and the dropout (and curriculum) draws
     bf16 = use_bf16(ctx.device, cfg.precision)
-    model = load_model(ctx.input("model"), device=ctx.device, lora=lora, bf16=bf16)
+    model = load_model(ctx.input("model"), device=ctx.device, lora=lora, bf16=bf16, cf_dim=None if hybrid is None else hybrid.cf_dim)
     work = resume_dir(ctx)
     ctx.log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}")
     result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress).run()
     shutil.move(work / "adapter", ctx.out / "adapter")
+    if hybrid is not None:
+        hybrid.save(ctx.out / "adapter")
     shutil.move(work / "log.jsonl", ctx.out / "log.jsonl")
     shutil.rmtree(work)
     best = "" if result.best_metric is None else f"; best valid {cfg.valid_metric} {result.best_metric:.4f} at epoch {result.best_epoch}"
@@ -78,11 +91,17 @@ def run(ctx: StageContext) -> None:
 
 def inspect(artifact_dir: Path, params: dict) -> str:
     """The adapter's settings and size, the loss and throughput over training, and every validation."""
+    import math
+
     from safetensors import safe_open
+
+    from tca.hybrid_prompt import PROJECTOR, RECORD
 
     config = json.loads((artifact_dir / "adapter" / "adapter_config.json").read_text())
     with safe_open(artifact_dir / "adapter" / "adapter_model.safetensors", framework="pt") as f:
-        n_params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    n_projector = sum(n for k, n in sizes.items() if f".{PROJECTOR}." in k)
+    n_params = sum(sizes.values()) - n_projector
     records = [json.loads(line) for line in (artifact_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     valid = [r for r in records if "valid" in r]
@@ -93,6 +112,10 @@ def inspect(artifact_dir: Path, params: dict) -> str:
         f"  adapter: LoRA r={config['r']} alpha={config['lora_alpha']} dropout={config['lora_dropout']} on "
         f"{', '.join(sorted(config['target_modules']))}; {n_params:,} parameters",
     ]
+    if (artifact_dir / "adapter" / RECORD).exists():
+        record = json.loads((artifact_dir / "adapter" / RECORD).read_text())
+        lines.append(f"  projector ({record['backbone']}): {record['cf_model']} vectors (d={record['cf_dim']}) -> the LLM's "
+                     f"input embeddings, MLP of {n_projector:,} parameters (in the adapter file)")
     if steps:
         speed = sorted(r["tokens_per_s"] for r in steps)
         lines.append(f"  {steps[-1]['step']} optimizer steps over {steps[-1]['epoch']:.2f} epochs; loss {steps[0]['loss']:.4f} "
