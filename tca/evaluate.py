@@ -99,7 +99,13 @@ def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, c
     """
     start = time.perf_counter()
     items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
-    seconds = time.perf_counter() - start
+    return score_lists(items, scores, samples, cfg, time.perf_counter() - start, str(next(model.parameters()).device), cf)
+
+
+def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cfg: EvalConfig, seconds: float,
+                device: str, cf: CFModel | None = None) -> Evaluation:
+    """The Evaluation of any recommender's ranked lists `items` [S, num_beams] (0 = none) with their
+    `scores`, for the samples in that order (`seconds`, `device`: how long decoding took, where)."""
     target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
     found = items > 0
     padded = np.pad(items, ((0, 0), (0, max(0, max(KS) - items.shape[1]))))  # absent targets rank beyond every k
@@ -112,7 +118,7 @@ def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, c
         metrics["cf"] = ranking_metrics(cf_ranks)
     metrics["n_samples"] = samples.height
     metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
-                         "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
+                         "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": device}
     offsets = pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32))
     predictions = pl.DataFrame({
         "sample_id": samples["sample_id"],

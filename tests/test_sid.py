@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from test_collab import assert_close, brute_q, random_scores, unpack
 
 from tca.collab import CollabConfig, token_dist
+from tca.collab_store import DistReader, DistWriter
 from tca.errors import TcaError
+from tca.evaluate import EvalConfig
+from tca.losses import LossConfig
 from tca.sid.letter import train_letter
-from tca.sid.rqvae import FIRST, SidConfig, semantic_ids, sid_targets, train_rqvae
-from tca.trie import build_trie
+from tca.sid.rqvae import FIRST, SidConfig, semantic_ids, sid_targets, train_rqvae, vocab_size
+from tca.sid.seq2seq import SidBatcher, SidItems, Seq2SeqConfig, build_model, recommend_sids, train_seq2seq
+from tca.sid.seq2seq import batch_loss as seq2seq_loss
+from tca.trie import Trie, build_trie
 
 SMALL = dict(levels=2, codebook_size=8, latent_dim=8, hidden=(32,), epochs=40, batch_size=64, kmeans_iters=10, lr=1e-2)
 
@@ -98,3 +104,79 @@ def test_q_on_an_sid_trie_matches_brute_force():
         got = unpack(token_dist(trie, gold, scores, CollabConfig(temperature=tau)))
         for b, g in enumerate(gold):
             assert_close(got[b], brute_q(seqs, scores[b].numpy(), int(g), tau))
+
+
+# ----- the T5 recommender over SIDs -----
+
+N_ITEMS = 24
+
+
+def sid_catalog() -> tuple[SidItems, Trie, np.ndarray]:
+    codes = np.random.default_rng(0).integers(0, 3, (N_ITEMS, 2))  # collisions on purpose
+    tokens, _ = semantic_ids(codes, 3)
+    item_ids = np.arange(1, N_ITEMS + 1)
+    return SidItems(item_ids, tokens), build_trie(item_ids, sid_targets(tokens)), tokens
+
+
+def cyclic_samples(n: int, seed: int = 0) -> pl.DataFrame:
+    """Histories of consecutive items; the next item follows the last one (a pattern to learn)."""
+    rng = np.random.default_rng(seed)
+    first = rng.integers(1, N_ITEMS + 1, n)
+    length = rng.integers(3, 8, n)
+    hist = [[(f + k - 1) % N_ITEMS + 1 for k in range(m)] for f, m in zip(first, length)]
+    return pl.DataFrame({"sample_id": np.arange(n), "history": hist, "item_id": [(h[-1]) % N_ITEMS + 1 for h in hist]})
+
+
+TINY_T5 = Seq2SeqConfig(d_model=32, layers=1, heads=2, d_ff=64, dropout=0.0, max_history=5, epochs=40, batch_size=32, lr=1e-2)
+
+
+def test_constrained_decoding_over_sids_returns_only_valid_items():
+    items, trie, _ = sid_catalog()
+    model = build_model(TINY_T5, vocab_size(items.table.numpy()))  # untrained: any code is as likely
+    samples = cyclic_samples(6)
+    ranked, scores = recommend_sids(model, items, trie, samples["history"], EvalConfig(num_beams=8, batch_size=4), 5)
+    assert ranked.shape == (6, 8) and ((ranked >= 1) & (ranked <= N_ITEMS)).all()
+    assert all(len(set(row)) == 8 for row in ranked.tolist())
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+@pytest.fixture
+def sid_dist(tmp_path):
+    """dist.zarr of q_t on the SID trie, from random CF scores, for the cyclic samples."""
+    items, trie, _ = sid_catalog()
+    samples = cyclic_samples(96)
+    writer = DistWriter(tmp_path / "dist.zarr", {"trie_hash": trie.digest()})
+    scores = torch.randn(samples.height, N_ITEMS + 1, generator=torch.Generator().manual_seed(0))
+    writer.append(samples["sample_id"].to_numpy(), token_dist(trie, samples["item_id"].to_numpy(), scores, CollabConfig()))
+    writer.close()
+    return DistReader(tmp_path / "dist.zarr", trie), samples
+
+
+def test_soft_ntp_takes_decoder_logits(sid_dist):
+    dist, samples = sid_dist
+    items, trie, _ = sid_catalog()
+    model = build_model(TINY_T5, vocab_size(items.table.numpy()))
+    rows = samples.head(8)
+
+    def loss(cfg: LossConfig) -> float:
+        batch = SidBatcher(items, trie, dist, cfg, TINY_T5.max_history)(rows)
+        return seq2seq_loss(model.eval(), *batch, cfg).item()
+
+    ntp = loss(LossConfig("ntp"))
+    assert loss(LossConfig("tca", alpha=0.0)) == pytest.approx(ntp, rel=1e-5)
+    assert loss(LossConfig("tca", alpha=0.5)) != pytest.approx(ntp, rel=1e-3)
+    assert loss(LossConfig("ntp", msl=True)) < ntp  # the softmax over trie children only
+    with pytest.raises(TcaError, match="cf_dist"):
+        SidBatcher(items, trie, None, LossConfig("tca"), 5)
+
+
+@pytest.mark.parametrize("loss", ["ntp", "tca"])
+def test_t5_learns_a_pattern_over_sids(sid_dist, loss):
+    dist, samples = sid_dist
+    items, trie, _ = sid_catalog()
+    model = build_model(TINY_T5, vocab_size(items.table.numpy()))
+    batcher = SidBatcher(items, trie, dist, LossConfig(loss, alpha=0.1), TINY_T5.max_history)
+    log = train_seq2seq(model, batcher, samples, TINY_T5, log=lambda _: None)
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    ranked, _ = recommend_sids(model, items, trie, samples["history"], EvalConfig(num_beams=5), TINY_T5.max_history)
+    assert (ranked == samples["item_id"].to_numpy()[:, None]).any(1).mean() > 0.8  # hr@5
