@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pipeline.context import StageContext
+from pipeline.stages.train import SID_RECORD
 
 SPLITS = ("valid", "test")
 SHOWN = 3  # samples `tca inspect eval` prints
@@ -54,18 +55,15 @@ def run(ctx: StageContext) -> None:
     import polars as pl
 
     from tca.cf.registry import load_checkpoint
-    from tca.evaluate import evaluate
 
     cfg, split = eval_config(ctx.params)
     samples = pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
     cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
-    model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
     adapter = ctx.input("train") / "adapter"
-    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
-            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
-            f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
-    with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
-        result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+    if (adapter / SID_RECORD).exists():
+        result = evaluate_sid(ctx, adapter, samples, cfg, cf, split)
+    else:
+        result = evaluate_llm(ctx, adapter, samples, cfg, cf, split)
     result.predictions.write_parquet(ctx.out / "predictions.parquet")
     metrics = {"split": split, **result.metrics}
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -73,6 +71,40 @@ def run(ctx: StageContext) -> None:
     ctx.log(f"wrote predictions.parquet, metrics.json: LLM hr@10 {llm['hr@10']:.4f} ndcg@10 {llm['ndcg@10']:.4f} "
             f"cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
             f"{metrics['decode']['samples_per_s']:.2f} samples/s")
+
+
+def evaluate_llm(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str):
+    from tca.evaluate import evaluate
+
+    model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
+    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
+            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
+            f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
+    with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
+        return evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+
+
+def evaluate_sid(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str):
+    """tiger / letter: the T5 of the train stage, beam search over the SID trie, the same metrics (under "llm")."""
+    import time
+
+    import polars as pl
+    from transformers import T5ForConditionalGeneration
+
+    from tca.evaluate import score_lists
+    from tca.sid.seq2seq import SidItems, recommend_sids
+    from tca.trie import Trie
+
+    record = json.loads((adapter / SID_RECORD).read_text())
+    model = T5ForConditionalGeneration.from_pretrained(adapter).to(ctx.device)
+    table = pl.read_parquet(ctx.input("trie") / "items.parquet")
+    items = SidItems(table["item_id"].to_numpy(), table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy())
+    trie = Trie.load(ctx.input("trie") / "trie.npz")
+    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, {record['backbone']} T5 over SIDs, device {ctx.device}")
+    start = time.perf_counter()
+    with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
+        ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, record["max_history"], bar)
+    return score_lists(ranked, scores, samples, cfg, time.perf_counter() - start, ctx.device, cf)
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:
