@@ -1,6 +1,9 @@
 """Semantic IDs: the RQ-VAE and LETTER tokenizers, q_t on an SID trie, the T5 recommender over SIDs."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -180,3 +183,65 @@ def test_t5_learns_a_pattern_over_sids(sid_dist, loss):
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     ranked, _ = recommend_sids(model, items, trie, samples["history"], EvalConfig(num_beams=5), TINY_T5.max_history)
     assert (ranked == samples["item_id"].to_numpy()[:, None]).any(1).mean() > 0.8  # hr@5
+
+
+# ----- the stages: sid -> trie -> cf_dist -> train -> eval for tiger and letter -----
+
+
+@pytest.fixture(scope="module")
+def sid_artifacts(tmp_path_factory):
+    """data (items, no model needed), text_emb, a tiny SASRec in cf/, train/valid/test subsets of cyclic samples."""
+    from tca.cf import CFConfig, build, save_checkpoint
+
+    root = tmp_path_factory.mktemp("artifacts")
+    for stage in ("data", "text_emb", "cf", "subset"):
+        (root / stage).mkdir()
+    pl.DataFrame({"item_id": pl.Series(range(1, N_ITEMS + 1), dtype=pl.Int32),
+                  "title": [f"Movie {i}" for i in range(1, N_ITEMS + 1)]}).write_parquet(root / "data" / "items.parquet")
+    np.save(root / "text_emb" / "items.npy", clustered(N_ITEMS, 12))
+    torch.manual_seed(0)
+    save_checkpoint(build(CFConfig(hidden=8, blocks=1, max_len=4), N_ITEMS).eval(), root / "cf" / "model.pt")
+    for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
+        cyclic_samples(64, seed).with_columns(user_id=pl.lit(1, pl.Int32)).write_parquet(root / "subset" / f"{split}.parquet")
+    return root
+
+
+def stage_params(backbone: str) -> dict:
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "stages.yaml").read_text())["params"]
+    params["sid"] |= {"levels": 2, "codebook_size": 4, "latent_dim": 8, "hidden": [16], "epochs": 10, "batch_size": 32, "lr": 0.01}
+    params["seq2seq"] |= {"d_model": 16, "layers": 1, "heads": 2, "d_ff": 32, "epochs": 2, "batch_size": 16, "max_history": 4}
+    params["train"]["backbone"] = backbone
+    params["eval"] |= {"num_beams": 5, "batch_size": 8}
+    return params
+
+
+@pytest.mark.parametrize("backbone", ["tiger", "letter"])
+def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone):
+    import shutil
+
+    from pipeline.context import StageContext
+    from pipeline.stages import cf_dist, eval as eval_stage, sid, train, trie as trie_stage
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(sid_artifacts, root)
+    params = stage_params(backbone)
+    for name, module in (("sid", sid), ("trie", trie_stage), ("cf_dist", cf_dist), ("train", train), ("eval", eval_stage)):
+        (root / name).mkdir()
+        module.run(StageContext(name, params, root / name, root, device_request="cpu"))
+
+    for tokenizer in ("tiger", "letter"):
+        written = pl.read_parquet(root / "sid" / tokenizer / "items.parquet")
+        assert written["item_id"].to_list() == list(range(1, N_ITEMS + 1))
+        assert len(set(map(tuple, written["token_ids"].to_list()))) == N_ITEMS  # unique SIDs
+    assert (root / "trie" / "trie.npz").read_bytes() == (root / "sid" / backbone / "trie.npz").read_bytes()
+    assert DistReader(root / "cf_dist" / "dist.zarr", Trie.load(root / "trie" / "trie.npz")).attrs["n_positions"] == 64 * 3
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["n_samples"] == 64 and set(metrics["llm"]) >= {"hr@5", "ndcg@5", "cc"} and "hr@5" in metrics["cf"]
+    predictions = pl.read_parquet(root / "eval" / "predictions.parquet")
+    assert all(len(row) == 5 and set(row) <= set(range(1, N_ITEMS + 1)) for row in predictions["items"].to_list())
+
+    assert f"{backbone}: T5 from scratch" in train.inspect(root / "train", params)
+    assert "collision rate" in sid.inspect(root / "sid", params) and f"over {backbone} SIDs" in trie_stage.inspect(root / "trie", params)
+    assert "Movie" in eval_stage.inspect(root / "eval", params)
