@@ -5,6 +5,7 @@ nearest to the residual left by the levels before it, so the codes go from coars
 their sum approximates z. A decoder reconstructs the embedding from that sum (straight-through
 gradient). Loss: reconstruction MSE + per level ||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2.
 Codebooks start from k-means of the initial residuals, level by level, so no code starts dead.
+Inputs are centered and scaled to unit RMS first (the model keeps the shift and scale).
 Items whose codes collide get one more code (0, 1, 2, ... in item-id order) that makes each SID unique.
 """
 from __future__ import annotations
@@ -109,6 +110,15 @@ class RQVAE(nn.Module):
         dims = [in_dim, *cfg.hidden, cfg.latent_dim]
         self.encoder, self.decoder = _mlp(dims), _mlp(dims[::-1])
         self.codebooks = nn.Parameter(torch.zeros(cfg.levels, cfg.codebook_size, cfg.latent_dim))
+        self.register_buffer("center", torch.zeros(in_dim))  # inputs are centered and scaled to unit RMS:
+        self.register_buffer("scale", torch.ones(()))  # LLM title states are anisotropic (cosine ~0.98)
+
+    def fit_scaling(self, x: torch.Tensor) -> None:
+        self.center = x.mean(0)
+        self.scale = (x - self.center).pow(2).mean().sqrt().clamp(min=1e-12)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.center) / self.scale
 
     def quantize(self, z: torch.Tensor) -> Quantized:
         residual, codes, residuals, chosen = z, [], [], []
@@ -123,6 +133,7 @@ class RQVAE(nn.Module):
 
     def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Quantized]:
         """Reconstruction and quantization (codebook + commitment) losses of a batch of embeddings."""
+        x = self.normalize(x)
         z = self.encoder(x)
         q = self.quantize(z)
         z_q = z + (q.z_q - z).detach()  # straight-through: the decoder's gradient reaches the encoder
@@ -134,14 +145,14 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """k-means of the residuals, level by level, on the encoder's initial latents of x."""
-        residual = self.encoder(x)
+        residual = self.encoder(self.normalize(x))
         for level in range(self.cfg.levels):
             self.codebooks[level] = kmeans(residual, self.cfg.codebook_size, self.cfg.kmeans_iters, generator)
             residual = residual - self.codebooks[level][sq_distances(residual, self.codebooks[level]).argmin(1)]
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Quantized:
-        return self.quantize(self.encoder(x))
+        return self.quantize(self.encoder(self.normalize(x)))
 
 
 # an extra loss on a batch: (item rows, quantization of the batch, model) -> named loss terms
@@ -166,6 +177,7 @@ def train_rqvae(emb: np.ndarray, cfg: SidConfig, regularizer: Regularizer | None
     generator = torch.Generator().manual_seed(cfg.seed)
     x = torch.from_numpy(emb[1:])
     model = RQVAE(x.shape[1], cfg)
+    model.fit_scaling(x)
     model.init_codebooks(x, generator)
     optimizer = torch.optim.AdamW([*model.parameters(), *extra_params], lr=cfg.lr)
     history = []
