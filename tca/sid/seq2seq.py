@@ -41,7 +41,7 @@ class Seq2SeqConfig:
     d_ff: int = 256
     dropout: float = 0.1
     max_history: int = 10  # most recent history items the encoder reads
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 256
     lr: float = 1e-3  # AdamW, linear warmup then decay to 0
     warmup_ratio: float = 0.05
