@@ -74,6 +74,7 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
             raise ValueError("hybrid prompts need the CF vectors of their slots (slot_vectors)")
         slot = torch.from_numpy(pad(prompts.slot, prompts.lengths, fill=0, left=True)).to(device)
         tokens = {"inputs_embeds": input_embeds(model, ids, slot, slot_vectors)}
+
     def advance(src: torch.Tensor, sample: torch.Tensor, slot: torch.Tensor, t: int, tokens: torch.Tensor) -> torch.Tensor:
         kv.select(src, sample, slot)
         return _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=tokens[:, None])
