@@ -245,3 +245,17 @@ def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone)
     assert f"{backbone}: T5 from scratch" in train.inspect(root / "train", params)
     assert "collision rate" in sid.inspect(root / "sid", params) and f"over {backbone} SIDs" in trie_stage.inspect(root / "trie", params)
     assert "Movie" in eval_stage.inspect(root / "eval", params)
+
+    from pipeline.recommend import recommend
+    from pipeline.runner import Project
+
+    class Fake(Project):  # the project's paths and params without reading a stages.yaml
+        def __init__(self):
+            self.root, self.artifacts, self.params, self.device = root.parent, root, params, "cpu"
+
+        def artifact(self, name):
+            return self.artifacts / name
+
+    (root / "model").mkdir()
+    text = recommend(Fake(), ["Movie 3", "Movie 4"], None, 3)
+    assert "    Movie 3\n    Movie 4\n" in text and f"{backbone} T5 over SIDs" in text and text.count("\n") == 6

@@ -88,23 +88,31 @@ def evaluate_sid(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str)
     """tiger / letter: the T5 of the train stage, beam search over the SID trie, the same metrics (under "llm")."""
     import time
 
-    import polars as pl
-    from transformers import T5ForConditionalGeneration
-
     from tca.evaluate import score_lists
-    from tca.sid.seq2seq import SidItems, recommend_sids
-    from tca.trie import Trie
+    from tca.sid.seq2seq import recommend_sids
 
-    record = json.loads((adapter / SID_RECORD).read_text())
-    model = T5ForConditionalGeneration.from_pretrained(adapter).to(ctx.device)
-    table = pl.read_parquet(ctx.input("trie") / "items.parquet")
-    items = SidItems(table["item_id"].to_numpy(), table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy())
-    trie = Trie.load(ctx.input("trie") / "trie.npz")
+    model, items, trie, record = load_sid_recommender(ctx.artifacts, ctx.device)
     ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, {record['backbone']} T5 over SIDs, device {ctx.device}")
     start = time.perf_counter()
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
         ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, record["max_history"], bar)
     return score_lists(ranked, scores, samples, cfg, time.perf_counter() - start, ctx.device, cf)
+
+
+def load_sid_recommender(artifacts: Path, device: str):
+    """(T5 of the train stage, SidItems, SID trie, the adapter's sid.json) of a tiger / letter run."""
+    import polars as pl
+    from transformers import T5ForConditionalGeneration
+
+    from tca.sid.seq2seq import SidItems
+    from tca.trie import Trie
+
+    adapter = artifacts / "train" / "adapter"
+    record = json.loads((adapter / SID_RECORD).read_text())
+    model = T5ForConditionalGeneration.from_pretrained(adapter).to(device)
+    table = pl.read_parquet(artifacts / "trie" / "items.parquet")
+    items = SidItems(table["item_id"].to_numpy(), table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy())
+    return model, items, Trie.load(artifacts / "trie" / "trie.npz"), record
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:
