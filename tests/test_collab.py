@@ -294,7 +294,7 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
     from tca.cf import load_checkpoint
 
     monkeypatch.setattr(cf_dist_stage, "BATCH", 5)  # several batches
-    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1}}
+    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1}, "train": {"backbone": "tallrec"}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     cf_dist_stage.run(ctx)

@@ -245,6 +245,7 @@ def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone)
     assert f"{backbone}: T5 from scratch" in train.inspect(root / "train", params)
     assert "collision rate" in sid.inspect(root / "sid", params) and f"over {backbone} SIDs" in trie_stage.inspect(root / "trie", params)
     assert "Movie" in eval_stage.inspect(root / "eval", params)
+    assert "children)" in cf_dist.inspect(root / "cf_dist", params)
 
     from pipeline.recommend import recommend
     from pipeline.runner import Project
