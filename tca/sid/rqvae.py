@@ -3,7 +3,7 @@
 An MLP encoder maps an item's embedding to a latent z; level l picks the code of codebook l
 nearest to the residual left by the levels before it, so the codes go from coarse to fine and
 their sum approximates z. A decoder reconstructs the embedding from that sum (straight-through
-gradient). Loss: reconstruction MSE + per level ||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2.
+gradient). Loss: reconstruction MSE + per level ||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2 (all means over dims).
 Codebooks start from k-means of the initial residuals, level by level, so no code starts dead.
 Inputs are centered and scaled to unit RMS first (the model keeps the shift and scale).
 Items whose codes collide get one more code (0, 1, 2, ... in item-id order) that makes each SID unique.
@@ -137,9 +137,9 @@ class RQVAE(nn.Module):
         z = self.encoder(x)
         q = self.quantize(z)
         z_q = z + (q.z_q - z).detach()  # straight-through: the decoder's gradient reaches the encoder
-        recon = (self.decoder(z_q) - x).pow(2).sum(1).mean()
-        codebook = (q.residuals.detach() - q.chosen).pow(2).sum(2).mean(0).sum()
-        commit = (q.residuals - q.chosen.detach()).pow(2).sum(2).mean(0).sum()
+        recon = (self.decoder(z_q) - x).pow(2).mean()  # means over dims, as TIGER: a sum over the 576 input
+        codebook = (q.residuals.detach() - q.chosen).pow(2).mean(2).mean(0).sum()  # dims drowned the quantization
+        commit = (q.residuals - q.chosen.detach()).pow(2).mean(2).mean(0).sum()  # terms (ML-100k level-1 usage 14% -> 49%)
         return {"recon": recon, "quant": codebook + self.cfg.beta * commit}, q
 
     @torch.no_grad()
