@@ -303,7 +303,8 @@ class Trainer:
         start = self.state["step"]
         window = {"loss": 0.0, "target": 0, "tokens": 0, "time": time.perf_counter()}
         self.log(f"{self.samples.height:,} samples, {self.cfg.epochs} epoch(s) of {self.steps_per_epoch} steps of "
-                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum} samples; loss {self.loss_cfg}")
+                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum}{f' x {self.world.size} ranks' if self.world.size > 1 else ''} samples; "
+                 f"loss {self.loss_cfg}")
         bar = self.progress(total=self.total_steps - start, unit="step",
                             desc="train" + (f" (resumed at step {start})" if start else "")) if self.progress else None
         for step in range(start, self.total_steps):

@@ -1,5 +1,5 @@
 """Scaling out, on a real project (the repo's stages, tiny upstream artifacts): `tca run-stage train`
-under torchrun with 2 gloo ranks trains exactly as one process with twice the micro-batch; cf_dist
+under torchrun or accelerate launch with 2 gloo ranks trains exactly as one process with twice the micro-batch; cf_dist
 and eval run as shards that `tca merge` joins into the artifact (and lock key) of one run."""
 from __future__ import annotations
 
@@ -100,13 +100,20 @@ def root(base, tmp_path) -> Path:
     return copy
 
 
-def test_torchrun_two_ranks_train_as_one_process_with_double_micro_batch(root, base):
+LAUNCHERS = {  # accelerate comes with peft; its --multi_gpu mode is torchrun's (gloo here: --device cpu)
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_launched_ranks_train_as_one_process_with_double_micro_batch(root, base, launcher):
     """2 gloo ranks x micro_batch 4 == 1 process x micro_batch 8: every step's loss, the validation and
     the LoRA weights; rank 0 alone writes the adapter, the log and stages.lock."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
-                           "run-stage", "train", "--set", "train.micro_batch=4", "--device", "cpu"],
+    done = subprocess.run([*LAUNCHERS[launcher], "-m", "cli", "run-stage", "train", "--set", "train.micro_batch=4", "--device", "cpu"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("train: running") == 1 and done.stdout.count("train: done") == 1  # rank 0 runs the runner
