@@ -297,3 +297,14 @@ def test_stage_rejects_a_bad_items_table(frames, tmp_path):
     out.mkdir()
     with pytest.raises(TcaError, match="item_id must be exactly 1..N"):
         cf_stage.run(StageContext("cf", {"cf": tiny().to_dict()}, out, tmp_path / "artifacts"))
+
+
+def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
+    from tca.cf.transformer import Dropout
+
+    drop, x = Dropout(0.3), torch.ones(200_000)
+    torch.manual_seed(0)
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01 and torch.allclose(y[y > 0], torch.tensor(1 / 0.7))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)

@@ -19,6 +19,20 @@ def init_embedding(emb: nn.Embedding) -> None:
             emb.weight[emb.padding_idx].zero_()
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with its mask from one uniform draw: on CPU, at SASRec's sizes, about 3x
+    faster than nn.Dropout's bernoulli_, and dropout is called seven times per training step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+
+
 class Block(nn.Module):
     def __init__(self, hidden: int, inner: int, heads: int, dropout: float):
         super().__init__()
@@ -27,7 +41,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
@@ -48,7 +62,7 @@ class Encoder(nn.Module):
         self.causal = causal
         self.pos = nn.Embedding(max_len, hidden)
         init_embedding(self.pos)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, inner, heads, dropout) for _ in range(blocks))
         self.ln = nn.LayerNorm(hidden)
 

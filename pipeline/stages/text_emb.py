@@ -1,0 +1,51 @@
+"""Stage `text_emb`: one language embedding per item title, from the `model` stage's LLM.
+
+Writes items.npy (float32 [N+1, d], row i = item i, row 0 = zeros for padding) and meta.json.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.context import StageContext
+from tca.errors import TcaError
+
+
+def run(ctx: StageContext) -> None:
+    from tca.text_embed import embed_texts  # torch-backed: not imported by `tca status`
+
+    path = ctx.input("data") / "items.parquet"
+    items = pl.read_parquet(path, columns=["item_id", "title"]).sort("item_id")
+    n = items.height
+    if n == 0 or items["item_id"][0] != 1 or items["item_id"][-1] != n:
+        raise TcaError(f"{path}: item_id must be exactly 1..N; rerun the data stage")
+    start = time.perf_counter()
+    vectors = embed_texts(items["title"].to_list(), ctx.input("model"), batch_size=ctx.param("text_emb.batch_size"), device=ctx.device)
+    seconds = time.perf_counter() - start
+    table = np.zeros((n + 1, vectors.shape[1]), dtype=np.float32)
+    table[1:] = vectors
+    np.save(ctx.out / "items.npy", table)
+    config = json.loads((ctx.input("model") / "config.json").read_text())
+    meta = {"n_items": n, "dim": int(vectors.shape[1]), "model": config.get("_name_or_path") or config["architectures"][0],
+            "pooling": "mean of the last hidden states over the title tokens, L2-normalized", "text": "title", "seconds": round(seconds, 1)}
+    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    ctx.log(f"wrote items.npy [{n + 1}, {vectors.shape[1]}] in {seconds:.1f} s")
+
+
+def inspect(artifact: Path, params: dict) -> str:
+    """Shape and meta, then the nearest titles (cosine) of the first few items: a sanity check."""
+    meta = json.loads((artifact / "meta.json").read_text())
+    table = np.load(artifact / "items.npy")
+    titles = pl.read_parquet(artifact.parent / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()
+    lines = [f"text_emb/items.npy: {table.shape[0]} x {table.shape[1]} float32 (row 0 = padding)"]
+    lines += [f"  {k}: {v}" for k, v in meta.items()]
+    sims = table[1:6] @ table[1:].T
+    sims[np.arange(len(sims)), np.arange(len(sims))] = -np.inf  # not the item itself
+    for i, row in enumerate(sims):
+        near = np.argsort(-row, kind="stable")[:3]
+        lines.append(f"  {titles[i]}  ->  " + "; ".join(f"{titles[j]} ({row[j]:.3f})" for j in near))
+    return "\n".join(lines)
