@@ -92,14 +92,24 @@ def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple
 def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, cfg: EvalConfig,
              cf: CFModel | None = None, bar=None, hybrid: HybridPrompt | None = None) -> Evaluation:
     """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists
-    (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts).
+    (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts); see `score_lists`."""
+    start = time.perf_counter()
+    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
+    seconds = time.perf_counter() - start
+    result = score_lists(items, scores, samples, cf)
+    result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
+    return result
+
+
+def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf: CFModel | None = None) -> Evaluation:
+    """Metrics and predictions of ranked lists (`recommend`'s items [S, beams], 0 = none, and scores)
+    for these samples. A function of the lists alone, so lists decoded in shards or on several ranks
+    and concatenated give exactly the metrics of one run.
 
     With a CF model, also collaborative consistency (share of samples whose top-1 item is the CF
     model's top-1) and the CF model's own full-ranking metrics on the same samples.
     """
-    start = time.perf_counter()
-    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
-    seconds = time.perf_counter() - start
     target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
     found = items > 0
     padded = np.pad(items, ((0, 0), (0, max(0, max(KS) - items.shape[1]))))  # absent targets rank beyond every k
@@ -111,8 +121,6 @@ def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, c
         llm["cc"] = float((torch.from_numpy(items[:, 0]) == cf_top1).double().mean())
         metrics["cf"] = ranking_metrics(cf_ranks)
     metrics["n_samples"] = samples.height
-    metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
-                         "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
     offsets = pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32))
     predictions = pl.DataFrame({
         "sample_id": samples["sample_id"],
@@ -120,3 +128,11 @@ def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, c
         "scores": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(scores[found]))),
     })
     return Evaluation(metrics, predictions)
+
+
+def read_lists(predictions: pl.DataFrame, num_beams: int) -> tuple[np.ndarray, np.ndarray]:
+    """`score_lists`' predictions table back to padded (items, scores) arrays [S, num_beams]."""
+    counts = predictions["items"].list.len().to_numpy().astype(np.int64)
+    items = pad(predictions["items"].explode().drop_nulls().to_numpy().astype(np.int64), counts, fill=0, width=num_beams)
+    scores = pad(predictions["scores"].explode().drop_nulls().to_numpy().astype(np.float32), counts, fill=-np.inf, width=num_beams)
+    return items, scores

@@ -1,6 +1,9 @@
 """Stage `eval`: trie-constrained beam search of the trained LLM on the test (or valid) subset;
 writes predictions.parquet (ranked item ids and scores per sample) and metrics.json (the LLM's
-and the CF model's metrics on the same samples, collaborative consistency, decode throughput)."""
+and the CF model's metrics on the same samples, collaborative consistency, decode throughput).
+
+`--shard i/n` decodes a contiguous range of the samples; `merge` concatenates the shards' ranked
+lists and scores them as one run does (`tca.evaluate.score_lists`), so the metrics are the same."""
 from __future__ import annotations
 
 import json
@@ -51,21 +54,52 @@ def eval_config(params: dict):
 
 
 def run(ctx: StageContext) -> None:
-    import polars as pl
-
     from tca.cf.registry import load_checkpoint
     from tca.evaluate import evaluate
 
     cfg, split = eval_config(ctx.params)
-    samples = pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
+    samples = read_samples(ctx, split)
+    lo, hi = ctx.shard_range(samples.height)
+    samples = samples[lo:hi]
     cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
     model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
     adapter = ctx.input("train") / "adapter"
-    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
-            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
+    ctx.log(f"{samples.height:,} {split} samples{'' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'}, "
+            f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
         result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+    write(ctx, result, split)
+
+
+def merge(ctx: StageContext, shards: list[Path]) -> None:
+    """The shards' lists, in order, scored as one run (decode time: summed over the shards)."""
+    import polars as pl
+
+    from tca.cf.registry import load_checkpoint
+    from tca.errors import TcaError
+    from tca.evaluate import read_lists, score_lists
+
+    cfg, split = eval_config(ctx.params)
+    samples = read_samples(ctx, split)
+    predictions = pl.concat([pl.read_parquet(shard / "predictions.parquet") for shard in shards])
+    if predictions["sample_id"].to_list() != samples["sample_id"].to_list():
+        raise TcaError(f"the predictions of the shards in {shards[0].parent} are not those of the {split} subset's samples; rerun the shards")
+    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device))
+    decodes = [json.loads((shard / "metrics.json").read_text())["decode"] for shard in shards]
+    seconds = sum(d["seconds"] for d in decodes)
+    result.metrics["decode"] = decodes[0] | {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / max(seconds, 1e-9), 3),
+                                             "shards": len(shards)}
+    write(ctx, result, split)
+
+
+def read_samples(ctx: StageContext, split: str):
+    import polars as pl
+
+    return pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
+
+
+def write(ctx: StageContext, result, split: str) -> None:
     result.predictions.write_parquet(ctx.out / "predictions.parquet")
     metrics = {"split": split, **result.metrics}
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
