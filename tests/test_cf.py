@@ -27,7 +27,7 @@ class MeanPool(CFModel):
         super().__init__(n_items, cfg)
         self.emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
 
-    def encode_users(self, history, users=None):
+    def encode_users(self, history):
         history = history[:, -self.cfg.max_len :]
         return self.emb(history).sum(1) / (history > 0).sum(1, keepdim=True).clamp(min=1)
 
@@ -39,7 +39,7 @@ class MeanPool(CFModel):
 
 
 class Incomplete(CFModel):
-    def encode_users(self, history, users=None):
+    def encode_users(self, history):
         return history.float()
 
     def item_embeddings(self):

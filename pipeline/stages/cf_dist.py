@@ -42,7 +42,8 @@ def run(ctx: StageContext) -> None:
         raise TcaError(f"{path}: no column {', '.join(missing)}; rerun the subset stage")
     if table.metadata.num_rows == 0:
         raise TcaError(f"{path} has no samples: raise subset.train or rerun the subset stage")
-    batches = (pl.from_arrow(b) for b in table.iter_batches(BATCH, columns=COLUMNS))
+    with_user = COLUMNS + ["user_id"] if "user_id" in table.schema_arrow.names else COLUMNS  # graph teachers read their user vectors
+    batches = (pl.from_arrow(b) for b in table.iter_batches(BATCH, columns=with_user))
     writer = DistWriter(ctx.out / "dist.zarr", attrs)
     stream = stream_token_dist(trie, batches, model, cfg, ctx.device)
     for sample_id, dist in ctx.progress(stream, total=math.ceil(table.metadata.num_rows / BATCH), desc="q_t", unit="batch"):

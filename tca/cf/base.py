@@ -9,7 +9,7 @@ column (oldest first) into that tensor.
 Models that learn a vector per user (LightGCN, AlphaRec, RLMRec) also take `users`, a LongTensor
 [B] of the data artifact's user ids (0 = unknown); called with a history only (as cf_dist, the
 hybrid prompts and `tca recommend` do), they fall back to a representation of the history.
-Sequential models ignore `users`.
+Sequential models (and plugins written as `encode_users(history)`) are never passed `users`.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ class CFModel(nn.Module, ABC):
     """
 
     needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/stages/cf.py)
+    uses_users: bool = False  # learns a vector per user: callers pass user ids when they have them
 
     def __init__(self, n_items: int, cfg: CFConfig):
         super().__init__()
@@ -119,14 +120,21 @@ class CFModel(nn.Module, ABC):
 
     def score(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N+1] scores of every item (dot product); the padding column is -inf."""
-        scores = self.encode_users(history, users) @ self.item_embeddings().T
+        scores = score_samples(self, history, users, encode=True) @ self.item_embeddings().T
         scores[:, 0] = float("-inf")
         return scores
 
     def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """RecBole-style: the user representation, i.e. `encode_users`."""
-        return self.encode_users(history, users)
+        return score_samples(self, history, users, encode=True)
 
     def full_sort_predict(self, batch: dict) -> torch.Tensor:
         """RecBole-style: scores of all items for a batch."""
         return self.score(batch["history"], batch.get("user"))
+
+
+def score_samples(model: CFModel, history: torch.Tensor, users: torch.Tensor | None = None, encode: bool = False) -> torch.Tensor:
+    """`model.score` (or `encode_users` when `encode`) with the samples' user ids for a model that
+    uses them, with the history only for any other (so plugins written as `score(history)` work)."""
+    fn = model.encode_users if encode else model.score
+    return fn(history, users) if users is not None and model.uses_users else fn(history)

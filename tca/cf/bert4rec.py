@@ -28,7 +28,7 @@ class BERT4Rec(CFModel):
     def with_slot(self, history: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return torch.cat([history[:, -self.cfg.max_len :], last[:, None]], dim=1)
 
-    def encode_users(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_users(self, history: torch.Tensor) -> torch.Tensor:
         return self.states(self.with_slot(history, torch.full_like(history[:, 0], self.mask_id)))[:, -1]
 
     def item_embeddings(self) -> torch.Tensor:

@@ -45,6 +45,8 @@ def normalized_adjacency(edge_user: torch.Tensor, edge_item: torch.Tensor, n_use
 class GraphCF(CFModel):
     """A CF model over the train user-item graph; subclasses give the layer-0 vectors and the loss."""
 
+    uses_users = True
+
     def __init__(self, n_items: int, cfg):
         super().__init__(n_items, cfg)
         self.register_buffer("edge_user", torch.zeros(0, dtype=torch.long))

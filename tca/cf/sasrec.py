@@ -19,7 +19,7 @@ class SASRec(CFModel):
     def states(self, history: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.item_emb(history), history > 0)
 
-    def encode_users(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_users(self, history: torch.Tensor) -> torch.Tensor:
         return self.states(history[:, -self.cfg.max_len :])[:, -1]
 
     def item_embeddings(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from tca.cf.base import CFConfig, CFModel, pad_histories
+from tca.cf.base import CFConfig, CFModel, pad_histories, score_samples
 from tca.cf.registry import build
 from tca.errors import TcaError
 from tca.metrics import popularity_scores, ranking_metrics, target_ranks
@@ -103,7 +103,7 @@ def evaluate(model: CFModel, samples: Samples) -> dict[str, float]:
     ranks = []
     for i in range(0, len(samples), EVAL_BATCH):
         batch = samples.batch(slice(i, i + EVAL_BATCH))
-        ranks.append(target_ranks(model.score(batch["history"], batch.get("user")), batch["target"]))
+        ranks.append(target_ranks(score_samples(model, batch["history"], batch.get("user")), batch["target"]))
     return ranking_metrics(torch.cat(ranks))
 
 
