@@ -31,7 +31,7 @@ def test_stage_writes_profiles_and_tables(tiny_model_dir, tmp_path):
     pl.DataFrame({"item_id": np.arange(1, 6, dtype=np.int32), "title": [f"Movie {i}" for i in range(1, 6)]}).write_parquet(root / "data" / "items.parquet")
     train_frame().write_parquet(root / "data" / "train.parquet")
     shutil.copytree(tiny_model_dir, root / "model")
-    params = {"profiles": {"max_new_tokens": 3, "batch_size": 4, "history": 2}, "prompt": {"domain": "movies"}}
+    params = {"profiles": {"max_new_tokens": 3, "batch_size": 4, "history": 2}, "prompt": {"domain": "movies"}, "cf": {"model": "rlmrec"}}
     out = tmp_path / "out"
     out.mkdir()
     stage.run(StageContext("profiles", params, out, root, "cpu"))

@@ -46,7 +46,7 @@ def write_artifacts(root, model_dir, titles, ids=None):
 def test_stage_writes_a_padded_table_and_inspects(tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
     write_artifacts(root, tiny_model_dir, TITLES[:5])
-    params = {"text_emb": {"batch_size": 2}}
+    params = {"text_emb": {"batch_size": 2}, "cf": {"model": "alpharec"}}  # a reader: computed
     out = root / "text_emb"
     out.mkdir()
     stage.run(StageContext("text_emb", params, out, root, "cpu"))
@@ -64,4 +64,4 @@ def test_stage_rejects_item_ids_that_are_not_1_to_n(tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
     write_artifacts(root, tiny_model_dir, ["a", "b"], ids=np.array([2, 3], dtype=np.int32))
     with pytest.raises(TcaError, match="item_id must be exactly 1..N"):
-        stage.run(StageContext("text_emb", {"text_emb": {"batch_size": 2}}, tmp_path / "out", root, "cpu"))
+        stage.run(StageContext("text_emb", {"text_emb": {"batch_size": 2}, "cf": {"model": "alpharec"}}, tmp_path / "out", root, "cpu"))

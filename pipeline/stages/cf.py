@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from pipeline.context import StageContext
+from pipeline.side_inputs import SIDE_INPUTS, check_computed
 from tca.errors import TcaError
 
 if TYPE_CHECKING:  # torch-backed: imported inside the functions so `tca status` stays fast
@@ -37,10 +38,6 @@ def read_splits(data: Path, max_len: int, train_fraction: float = 1.0, seed: int
     return n_items, splits
 
 
-# A model's side inputs (`CFModel.needs`) and the upstream artifact each is read from.
-SIDE_INPUTS = {"text_emb": ("text_emb", "items.npy"), "user_profiles": ("profiles", "users.npy"), "item_profiles": ("profiles", "items.npy")}
-
-
 def read_side_inputs(ctx: StageContext, needs: tuple[str, ...]) -> dict:
     """The arrays a text-aware model asks for (AlphaRec: title embeddings; RLMRec: profile embeddings)."""
     import numpy as np
@@ -53,6 +50,7 @@ def read_side_inputs(ctx: StageContext, needs: tuple[str, ...]) -> dict:
         path = ctx.input(stage) / file
         if not path.exists():
             raise TcaError(f"{path} is missing: run the `{stage}` stage first (tca run-stage {stage})")
+        check_computed(ctx.input(stage), f"cf.model={ctx.param('cf.model')}")
         out[name] = np.load(path)
     return out
 

@@ -3,6 +3,7 @@
 Writes profiles.parquet (`kind` user|item, `id`, `text`), users.npy (float32 [U+1, d], row u =
 train user u, zeros for users without train samples), items.npy ([N+1, d], row 0 zeros), meta.json.
 A user is profiled from its last `profiles.history` train items (train split only: no leak).
+Unless cf.model reads profiles (RLMRec), it writes an empty stand-in instead (pipeline/side_inputs.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.context import StageContext
+from pipeline.side_inputs import cf_reads, skipped, write_stand_in
 from tca.errors import TcaError
 
 
@@ -24,7 +26,17 @@ def user_histories(train: pl.DataFrame, n: int) -> pl.DataFrame:
     return latest.select("user_id", items=items)
 
 
+def stand_in(out: Path, reason: str) -> None:
+    """The stand-in: no profiles (the declared schema) and empty tables, in milliseconds."""
+    pl.DataFrame(schema={"kind": pl.String, "id": pl.Int32, "text": pl.String}).write_parquet(out / "profiles.parquet")
+    write_stand_in(out, reason, ("users.npy", "items.npy"))
+
+
 def run(ctx: StageContext) -> None:
+    if not cf_reads(ctx.params, "profiles"):  # ~15 min of generation on 2 CPU cores that nothing would read
+        stand_in(ctx.out, f"cf.model={ctx.param('cf.model')} reads no profiles")
+        ctx.log("skipped: cf.model reads no profiles")
+        return
     from tca.profiles import generate, item_prompts, load_generator, user_prompts
     from tca.text_embed import embed_texts
 
@@ -59,6 +71,8 @@ def run(ctx: StageContext) -> None:
 
 
 def inspect(artifact: Path, params: dict) -> str:
+    if reason := skipped(artifact):
+        return f"profiles/: a stand-in, not computed ({reason})"
     meta = json.loads((artifact / "meta.json").read_text())
     frame = pl.read_parquet(artifact / "profiles.parquet")
     lines = ["profiles/: " + ", ".join(f"{k} {v}" for k, v in meta.items())]

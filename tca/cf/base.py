@@ -94,7 +94,7 @@ class CFModel(nn.Module, ABC):
     Column 0 of `score` (padding) is -inf so it is never recommended.
     """
 
-    needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/stages/cf.py)
+    needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/side_inputs.py)
     uses_users: bool = False  # learns a vector per user: callers pass user ids when they have them
 
     def __init__(self, n_items: int, cfg: CFConfig):
