@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from tca.cf.base import CFModel, pad_histories
+from tca.cf.base import CFModel, pad_histories, score_samples
 from tca.decode import DeviceTrie, beam_search, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
@@ -78,12 +78,15 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
 
 
 @torch.no_grad()
-def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches."""
+def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor,
+               users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches
+    (`users`: the samples' user ids, for models that learn a vector per user)."""
     device = next(cf.parameters()).device
     ranks, top1 = [], []
     for start in range(0, len(histories), CF_BATCH):
-        scores = cf.score(pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device))
+        batch_users = None if users is None else users[start : start + CF_BATCH].to(device)
+        scores = score_samples(cf, pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device), batch_users)
         ranks.append(target_ranks(scores, target[start : start + CF_BATCH].to(device)).cpu())
         top1.append(scores.argmax(dim=1).cpu())  # first maximum: ties go to the lower item id, as in target_ranks
     return torch.cat(ranks), torch.cat(top1)
@@ -117,7 +120,8 @@ def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf
     llm[f"lists_under_{max(KS)}"] = float((found.sum(axis=1) < max(KS)).mean())
     metrics = {"llm": llm}
     if cf is not None:
-        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target)
+        users = torch.from_numpy(samples["user_id"].to_numpy().astype("int64")) if "user_id" in samples.columns else None
+        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target, users)
         llm["cc"] = float((torch.from_numpy(items[:, 0]) == cf_top1).double().mean())
         metrics["cf"] = ranking_metrics(cf_ranks)
     metrics["n_samples"] = samples.height

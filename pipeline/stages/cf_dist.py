@@ -40,14 +40,16 @@ def run(ctx: StageContext) -> None:
 
     path = ctx.input("subset") / "train.parquet"
     scan = pl.scan_parquet(path)
-    missing = sorted(set(COLUMNS) - set(scan.collect_schema().names()))
+    names = scan.collect_schema().names()
+    missing = sorted(set(COLUMNS) - set(names))
     if missing:
         raise TcaError(f"{path}: no column {', '.join(missing)}; rerun the subset stage")
     n_rows = scan.select(pl.len()).collect().item()
     if n_rows == 0:
         raise TcaError(f"{path} has no samples: raise subset.train or rerun the subset stage")
+    columns = COLUMNS + ["user_id"] if "user_id" in names else COLUMNS  # graph teachers read their user vectors
     lo, hi = ctx.shard_range(n_rows, BATCH)
-    rows = scan.select(COLUMNS).slice(lo, hi - lo).collect()  # the subset's rows are small; q_t is what is big
+    rows = scan.select(columns).slice(lo, hi - lo).collect()  # the subset's rows are small; q_t is what is big
     writer = DistWriter(ctx.out / "dist.zarr", attrs)
     stream = stream_token_dist(trie, rows.iter_slices(BATCH), model, cfg, ctx.device)
     for sample_id, dist in ctx.progress(stream, total=math.ceil(rows.height / BATCH), desc="q_t", unit="batch"):
