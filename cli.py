@@ -74,9 +74,30 @@ def run(overrides, params_file, device, force, dry):
 @click.option("--upstream", is_flag=True, help="Also run stale upstream stages first.")
 @click.option("--downstream", is_flag=True, help="Also run the stages downstream of NAME that become stale.")
 @click.option("--dry", is_flag=True, help="Only say what would run and why.")
-def run_stage(names, overrides, params_file, device, force, upstream, downstream, dry):
-    """Run the named stage(s); refuses if an upstream stage is stale (unless --upstream)."""
-    project(overrides, device, params_file).run(list(names), force=force, upstream=upstream, downstream=downstream, dry=dry, log=click.echo)
+@click.option("--shard", metavar="I/N", default=None,
+              help="Compute only shard I of N (0-based) of a shardable stage (cf_dist, eval) into artifacts/.shards/; join them with `tca merge`.")
+def run_stage(names, overrides, params_file, device, force, upstream, downstream, dry, shard):
+    """Run the named stage(s); refuses if an upstream stage is stale (unless --upstream).
+    Under torchrun / accelerate launch, `train` runs data-parallel on every process."""
+    proj = project(overrides, device, params_file)
+    if shard is None:
+        proj.run(list(names), force=force, upstream=upstream, downstream=downstream, dry=dry, log=click.echo)
+        return
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit()) or len(names) != 1 or upstream or downstream or dry:
+        raise TcaError(f"--shard {shard}: give one stage and I/N with integers 0 <= I < N (e.g. --shard 0/4), without --upstream, --downstream or --dry")
+    proj.run_shard(names[0], int(index), int(count), force=force, log=click.echo)
+
+
+@main.command()
+@click.argument("name")
+@set_option
+@params_option
+@device_option
+def merge(name, overrides, params_file, device):
+    """Join the shards of stage NAME (from `tca run-stage NAME --shard i/n`, same params) into its
+    artifact and stages.lock entry, as one unsharded run writes them."""
+    project(overrides, device, params_file).merge(name, log=click.echo)
 
 
 @main.command()

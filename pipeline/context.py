@@ -11,6 +11,12 @@ A stage module (``pipeline/stages/<name>.py``) defines:
   content hashes take part in staleness like any dep.
 - optionally ``inspect(artifact: Path, params: dict) -> str``: the human summary that
   ``tca inspect <name>`` prints.
+- optionally ``merge(ctx: StageContext, shards: list[Path]) -> None``: the stage can be split by
+  sample range (``tca run-stage NAME --shard i/n``: ``run`` then sees ``ctx.shard`` and covers only
+  ``ctx.shard_range(...)``); ``merge`` joins the shards' outputs, in order, into ``ctx.out``
+  exactly as one unsharded ``run`` would have written them (``tca merge NAME``).
+- optionally ``DISTRIBUTED = True``: ``run`` may be launched on several processes (torchrun);
+  every rank runs it, only rank 0's ``ctx.out`` is kept (see ``tca.ddp``).
 """
 from __future__ import annotations
 
@@ -38,15 +44,33 @@ class StageContext:
     out: Path  # temporary output directory, empty at start
     artifacts: Path  # artifacts root; upstream outputs live in artifacts/<stage>/
     device_request: str = "auto"  # --device: auto | cpu | cuda | cuda:1 ...
+    shard: tuple[int, int] | None = None  # (i, n): this run computes shard i of n (`--shard i/n`)
 
     @property
     def device(self) -> str:
-        """The torch device to use: a GPU when one is there and --device is auto."""
-        if self.device_request != "auto":
-            return self.device_request
+        """The torch device to use: a GPU when one is there and --device is auto; under torchrun,
+        "cuda" is this rank's GPU (cuda:LOCAL_RANK)."""
         import torch  # here, not at the top: `tca status` must not pay for importing torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from tca.ddp import World
+
+        device = self.device_request
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return World.from_env().device(device)
+
+    def shard_range(self, n: int, unit: int = 1) -> tuple[int, int]:
+        """The rows [lo, hi) of n that this run covers: all, or shard i of n's contiguous share of
+        whole blocks of `unit` rows (so a shard's batches are exactly those of an unsharded run)."""
+        if self.shard is None:
+            return 0, n
+        i, count = self.shard
+        blocks = -(-n // unit)
+        if count > blocks:
+            from tca.errors import TcaError
+
+            raise TcaError(f"--shard {i}/{count}: `{self.name}` splits {n:,} rows into {blocks} block(s) of {unit}; use at most {blocks} shards")
+        return i * blocks // count * unit, min(n, (i + 1) * blocks // count * unit)
 
     def param(self, key: str) -> Any:
         return lookup(self.params, key)

@@ -4,6 +4,12 @@ A stage is stale when it has no lock entry, or when its code, a dep (an upstream
 artifacts or an external file), a declared param or one of its outputs differs from what
 `stages.lock` recorded, or when an upstream stage is stale. Outputs are written to a fresh
 temporary folder and moved into place; the lock entry is written last.
+
+Scale out: a stage with a `merge` function runs as shards (`run_shard`, no project lock, so
+shards run side by side) into artifacts/.shards/<stage>/<key>/<i>-of-<n>/, and `merge` joins a
+complete set made with the current key into the stage's normal artifact and lock entry. Under
+torchrun (WORLD_SIZE > 1) rank 0 is the runner and tells the other ranks which stages to compute;
+they compute into a scratch dir they delete and never touch the lock, cache or artifacts.
 """
 from __future__ import annotations
 
@@ -14,7 +20,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,20 @@ class Fingerprint:
     def key(self) -> str:
         doc = json.dumps({"code": self.code, "deps": self.deps, "params": self.params}, sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:24]
+
+
+SHARD_RECORD = "shard.json"  # in each shard folder: the key and range it was computed with
+
+
+def launched_world():
+    """This process's rank under torchrun / accelerate launch (a `tca.ddp.World`), or None for a
+    plain process (then torch is not imported: `tca status` stays fast)."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from tca.ddp import World
+
+    world = World.from_env()
+    return world if world.size > 1 else None
 
 
 def find_root(start: Path) -> Path:
@@ -216,9 +238,22 @@ class Project:
 
     def run(self, targets: list[str] | None = None, force: bool = False, upstream: bool = False,
             downstream: bool = False, dry: bool = False, log=print) -> list[str]:
-        """Run what is stale among the planned stages (all of them with `force`); returns what ran."""
+        """Run what is stale among the planned stages (all of them with `force`); returns what ran.
+        Under torchrun, see `run_ranks`."""
+        world = launched_world()
+        if world is not None:
+            return self.run_ranks(world, targets, force, upstream, downstream, dry, log)
+        return self._run(targets, force, upstream, downstream, dry, log)
+
+    def _run(self, targets, force, upstream, downstream, dry, log, tell=lambda message: None) -> list[str]:
+        """`tell`: rank 0 hands the other ranks the plan, then for each stage whether it computes."""
         with self.exclusive():
-            order = self.plan(targets, force, upstream, downstream)
+            try:
+                order = self.plan(targets, force, upstream, downstream)
+            except TcaError as err:
+                tell(str(err))
+                raise
+            tell(order)
             forced = set(order) if force and targets is None else set(targets or []) if force else set()
             ran: list[str] = []
             self.restored = []
@@ -227,6 +262,7 @@ class Project:
                 stage = self.graph.stages[name]
                 reasons = ["--force"] if name in forced else self.own_reasons(stage, lock.get(name))
                 if not reasons:
+                    tell(False)
                     log(f"{name}: up to date")
                     continue
                 if dry:
@@ -234,15 +270,146 @@ class Project:
                     ran.append(name)
                     continue
                 log(f"{name}: running ({'; '.join(reasons)})")
-                if self.execute(stage, use_cache=name not in forced, log=log):
+
+                def compute(ctx, module=self.module(stage)):
+                    tell(True)
+                    module.run(ctx)
+
+                if self.execute(stage, use_cache=name not in forced, log=log, compute=compute):
+                    tell(False)
                     self.restored.append(name)
                 lock = self.lock()
                 ran.append(name)
             self.hashes.save()
             return ran
 
-    def execute(self, stage: Stage, use_cache: bool = True, log=print) -> bool:
-        """Compute the stage (or restore it from the run cache: returns True) and lock it."""
+    def run_ranks(self, world, targets, force, upstream, downstream, dry, log) -> list[str]:
+        """One rank of a data-parallel launch: rank 0 runs the stages as `run` does (lock, staleness,
+        run cache, atomic outputs, stages.lock) and broadcasts each decision; the others follow."""
+        from tca import ddp
+
+        if targets is None or upstream or downstream or dry:
+            raise TcaError("under torchrun / accelerate launch, use `tca run-stage NAME` without --upstream, --downstream "
+                           "or --dry (run the other stages in one plain process first)")
+        for name in targets:
+            self.graph.check_name(name)
+            if not getattr(self.module(self.graph.stages[name]), "DISTRIBUTED", False):
+                able = [n for n, s in self.graph.stages.items() if getattr(self.module(s), "DISTRIBUTED", False)]
+                raise TcaError(f"stage `{name}` does not run on several processes; run it with a plain `tca run-stage {name}` "
+                               f"(stages that do: {', '.join(able) or 'none'})")
+        ddp.init(world, StageContext(name="", params=self.params, out=self.root, artifacts=self.artifacts, device_request=self.device).device)
+        try:
+            if world.main:
+                return self._run(targets, force, False, False, False, log, tell=lambda message: ddp.broadcast(message, world))
+            return self._follow(world)
+        finally:
+            ddp.close(world)
+
+    def _follow(self, world) -> list[str]:
+        """A rank other than 0: compute the stages rank 0 computes, into a scratch dir that is then deleted."""
+        from tca import ddp
+
+        order = ddp.broadcast(None, world)
+        if isinstance(order, str):  # rank 0 refused to run
+            raise TcaError(order)
+        ran = []
+        scratch = Path(tempfile.mkdtemp(prefix=f"tca-rank{world.rank}-"))
+        try:
+            for name in order:
+                if ddp.broadcast(None, world):
+                    (scratch / name).mkdir()
+                    ctx = StageContext(name=name, params=self.params, out=scratch / name, artifacts=self.artifacts, device_request=self.device)
+                    self.module(self.graph.stages[name]).run(ctx)
+                    ran.append(name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return ran
+
+    # ---------- shards ----------
+
+    def shardable(self, name: str) -> Stage:
+        self.graph.check_name(name)
+        stage = self.graph.stages[name]
+        if not hasattr(self.module(stage), "merge"):
+            able = [n for n, s in self.graph.stages.items() if hasattr(self.module(s), "merge")]
+            raise TcaError(f"stage `{name}` cannot be sharded; stages that can: {', '.join(able) or 'none'}")
+        return stage
+
+    def shard_folder(self, name: str, key: str) -> Path:
+        return self.artifacts / ".shards" / name / key
+
+    def run_shard(self, name: str, index: int, count: int, force: bool = False, log=print) -> Path:
+        """Compute shard `index` of `count` of a stage into artifacts/.shards/<stage>/<key>/<index>-of-<count>/
+        (atomically). Takes no project lock: the shards of a stage run side by side, here or on other
+        machines with the same upstream artifacts (copy their folders back before `merge`)."""
+        stage = self.shardable(name)
+        if not 0 <= index < count:
+            raise TcaError(f"--shard {index}/{count}: the shard index must be in 0..{count - 1}")
+        self.plan([name])  # refuses a stale upstream stage
+        fp = self.fingerprint(stage)
+        dest = self.shard_folder(name, fp.key) / f"{index}-of-{count}"
+        if dest.exists() and not force:
+            log(f"{name} shard {index}/{count}: already computed in {dest}")
+            return dest
+        tmp = self.artifacts / ".tmp" / "shards" / f"{name}-{index}-of-{count}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            log(f"{name} shard {index}/{count}: running")
+            ctx = StageContext(name=name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device, shard=(index, count))
+            self.module(stage).run(ctx)
+            record = {"key": fp.key, "shard": [index, count], "seconds": round(time.perf_counter() - start, 1), "params": fp.params}
+            atomic_write_text(tmp / SHARD_RECORD, json.dumps(record, indent=2, default=str))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.hashes.save()
+        log(f"{name} shard {index}/{count}: done in {record['seconds']:.1f} s; wrote {dest}")
+        return dest
+
+    def complete_shards(self, name: str, key: str) -> list[Path]:
+        """The folders of a complete set of shards made with `key`, in order; or an error saying what is missing."""
+        folder = self.shard_folder(name, key)
+        sets: dict[int, dict[int, Path]] = {}
+        for path in folder.glob("*-of-*") if folder.is_dir() else []:
+            index, _, count = path.name.partition("-of-")
+            record = json.loads((path / SHARD_RECORD).read_text()) if (path / SHARD_RECORD).exists() else {}
+            if record.get("key") != key or record.get("shard") != [int(index), int(count)]:
+                raise TcaError(f"{path} is not a shard of `{name}` made with the current code, params and inputs; delete it")
+            sets.setdefault(int(count), {})[int(index)] = path
+        if not sets:
+            others = [p.name for p in folder.parent.iterdir() if p != folder] if folder.parent.is_dir() else []
+            raise TcaError(f"no shards of `{name}` for its current code, params and inputs (in {folder})"
+                           + (f"; {folder.parent} holds shards made with other ones ({', '.join(others)}), which cannot be merged" if others else "")
+                           + f"; run `tca run-stage {name} --shard i/n` for every i in 0..n-1 first")
+        if len(sets) > 1:
+            raise TcaError(f"{folder} holds shards of {' and '.join(str(n) for n in sorted(sets))}-way splits; delete the set you do not want")
+        (count, got), = sets.items()
+        missing = [i for i in range(count) if i not in got]
+        if missing:
+            raise TcaError(f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} of `{name}` are missing from {folder}; "
+                           f"run `tca run-stage {name} --shard {missing[0]}/{count}` (or copy its folder there from the machine that ran it)")
+        return [got[i] for i in range(count)]
+
+    def merge(self, name: str, log=print) -> None:
+        """Join a complete set of shards into the stage's artifact and lock entry, as one run would write them."""
+        stage = self.shardable(name)
+        with self.exclusive():
+            self.plan([name])
+            key = self.fingerprint(stage).key
+            shards = self.complete_shards(name, key)
+            log(f"{name}: merging {len(shards)} shards from {shards[0].parent}")
+            module = self.module(stage)
+            self.execute(stage, use_cache=False, log=log, compute=lambda ctx: module.merge(ctx, shards))
+            shutil.rmtree(shards[0].parent)
+            self.hashes.save()
+
+    def execute(self, stage: Stage, use_cache: bool = True, log=print, compute: Callable[[StageContext], None] | None = None) -> bool:
+        """Compute the stage (or restore it from the run cache: returns True) and lock it.
+        `compute` replaces the stage module's `run` (the merge of shards, a rank announcing its work)."""
         fp = self.fingerprint(stage)
         key = fp.key
         scratch = self.artifacts / ".tmp"
@@ -259,7 +426,7 @@ class Project:
             self.cache.restore(stage.name, key, tmp)
         else:
             ctx = StageContext(name=stage.name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device)
-            self.module(stage).run(ctx)
+            (compute or self.module(stage).run)(ctx)
         took = time.perf_counter() - start
         missing = [out for out in stage.outs if not (tmp / out).exists()]
         if missing:

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from tca.cf import CFModel, pad_histories
+from tca.cf.base import score_samples
 from tca.errors import TcaError
 from tca.kernels import count_entries, fill_entries
 from tca.trie import Trie
@@ -95,7 +96,7 @@ def token_dist(trie: Trie, items: np.ndarray, scores: torch.Tensor | None, cfg: 
 
 
 def trie_scorer(model: CFModel, trie: Trie, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """history [B, L] -> CF scores [B, N] in trie.item_order, under no_grad. A model that keeps
+    """history [B, L] (and optional user ids [B]) -> CF scores [B, N] in trie.item_order, under no_grad. A model that keeps
     CFModel's dot-product `score` gets them from one matmul against its item vectors permuted once
     (no gather per batch); a model with its own `score` has that gathered into the order."""
     order = torch.from_numpy(trie.item_order.astype(np.int64)).to(device)
@@ -104,8 +105,8 @@ def trie_scorer(model: CFModel, trie: Trie, device: str = "cpu") -> Callable[[to
         items = model.item_embeddings()[order].T.contiguous() if dot else None  # [d, N]
 
     @torch.no_grad()
-    def score(history: torch.Tensor) -> torch.Tensor:
-        return model.encode_users(history) @ items if dot else model.score(history)[:, order]
+    def score(history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        return score_samples(model, history, users, encode=True) @ items if dot else score_samples(model, history, users)[:, order]
 
     return score
 
@@ -116,5 +117,6 @@ def stream_token_dist(
     """(sample ids, q_t) per batch of samples (`sample_id`, `history`, `item_id`), CF-scored under no_grad."""
     score = trie_scorer(model, trie, device) if cfg.cf_source == "model" else None
     for df in batches:
-        scores = None if score is None else score(pad_histories(df["history"], model.cfg.max_len).to(device))
+        users = torch.from_numpy(df["user_id"].to_numpy().astype("int64")).to(device) if "user_id" in df.columns else None
+        scores = None if score is None else score(pad_histories(df["history"], model.cfg.max_len).to(device), users)
         yield df["sample_id"].to_numpy(), token_dist(trie, df["item_id"].to_numpy(), scores, cfg, trie_order=True)

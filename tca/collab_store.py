@@ -79,6 +79,24 @@ class DistWriter:
         self.dropped_sum += float(dist.dropped.sum())
         self.dropped_max = max(self.dropped_max, float(dist.dropped.max(initial=0.0)))
 
+    def extend(self, path: Path) -> None:
+        """Append a whole store written by another DistWriter (a shard of the same computation), its
+        pointers shifted, reading it a shard at a time: the arrays become what appending its batches
+        here would have written."""
+        group = _open(path)
+        for name in ARRAYS:
+            array, offset = group[name], {"sample_ptr": self.n_positions, "pos_ptr": self.nnz}.get(name)
+            first = 0 if offset is None else 1  # a pointer array's leading 0 is already here
+            for lo in range(first, array.shape[0], SHARD):
+                values = array[lo : lo + SHARD]
+                self.cols[name].push(values if offset is None else values + offset)
+        attrs = group.attrs
+        self.n_samples += attrs["n_samples"]
+        self.n_positions += attrs["n_positions"]
+        self.nnz += attrs["nnz"]
+        self.dropped_sum += attrs["dropped_mass_mean"] * attrs["n_positions"]
+        self.dropped_max = max(self.dropped_max, attrs["dropped_mass_max"])
+
     def close(self) -> dict:
         """Write what is buffered and the attrs; returns the attrs (config + sizes + mass dropped)."""
         for col in self.cols.values():
@@ -103,15 +121,35 @@ class SoftLabels:
     count: torch.Tensor  # int64 [B, T], 0 past a sample's last position
 
 
+SIZES = ("n_samples", "n_positions", "nnz", "dropped_mass_mean", "dropped_mass_max")  # attrs `close` adds
+
+
+def _open(path: Path) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode="r", zarr_format=3)
+    except FileNotFoundError as e:
+        raise TcaError(f"{path}: no dist.zarr here; run the cf_dist stage") from e
+
+
+def merge_stores(paths: list[Path], dest: Path) -> dict:
+    """One store at `dest` holding the stores at `paths` in order (shards of one cf_dist run: their
+    settings must agree); returns its attrs."""
+    settings = [{k: v for k, v in _open(p).attrs.items() if k not in SIZES} for p in paths]
+    for path, other in zip(paths[1:], settings[1:]):
+        if other != settings[0]:
+            raise TcaError(f"{path} was computed with other settings than {paths[0]} ({other} vs {settings[0]}); recompute that shard")
+    writer = DistWriter(dest, settings[0])
+    for path in paths:
+        writer.extend(path)
+    return writer.close()
+
+
 class DistReader:
     """Random access to `dist.zarr` by sample id; pass the trie to check it is the one q_t was built on."""
 
     def __init__(self, path: Path, trie: Trie | None = None):
         self.path = Path(path)
-        try:
-            self.group = zarr.open_group(self.path, mode="r", zarr_format=3)
-        except FileNotFoundError as e:
-            raise TcaError(f"{self.path}: no dist.zarr here; run the cf_dist stage") from e
+        self.group = _open(self.path)
         self.attrs = dict(self.group.attrs)
         if trie is not None and self.attrs.get("trie_hash") != trie.digest():
             raise TcaError(f"{self.path} was computed on another trie than the current one; rerun the cf_dist stage")

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from tca.cf.base import CFModel, pad_histories
+from tca.cf.base import CFModel, pad_histories, score_samples
 from tca.decode import DeviceTrie, beam_search, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
@@ -78,12 +78,15 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
 
 
 @torch.no_grad()
-def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches."""
+def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor,
+               users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches
+    (`users`: the samples' user ids, for models that learn a vector per user)."""
     device = next(cf.parameters()).device
     ranks, top1 = [], []
     for start in range(0, len(histories), CF_BATCH):
-        scores = cf.score(pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device))
+        batch_users = None if users is None else users[start : start + CF_BATCH].to(device)
+        scores = score_samples(cf, pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device), batch_users)
         ranks.append(target_ranks(scores, target[start : start + CF_BATCH].to(device)).cpu())
         top1.append(scores.argmax(dim=1).cpu())  # first maximum: ties go to the lower item id, as in target_ranks
     return torch.cat(ranks), torch.cat(top1)
@@ -92,20 +95,24 @@ def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor) -> tuple
 def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, cfg: EvalConfig,
              cf: CFModel | None = None, bar=None, hybrid: HybridPrompt | None = None) -> Evaluation:
     """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists
-    (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts).
+    (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts); see `score_lists`."""
+    start = time.perf_counter()
+    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
+    seconds = time.perf_counter() - start
+    result = score_lists(items, scores, samples, cf)
+    result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
+    return result
+
+
+def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf: CFModel | None = None) -> Evaluation:
+    """Metrics and predictions of ranked lists (`recommend`'s items [S, beams], 0 = none, and scores)
+    for these samples. A function of the lists alone, so lists decoded in shards or on several ranks
+    and concatenated give exactly the metrics of one run.
 
     With a CF model, also collaborative consistency (share of samples whose top-1 item is the CF
     model's top-1) and the CF model's own full-ranking metrics on the same samples.
     """
-    start = time.perf_counter()
-    items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
-    return score_lists(items, scores, samples, cfg, time.perf_counter() - start, str(next(model.parameters()).device), cf)
-
-
-def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cfg: EvalConfig, seconds: float,
-                device: str, cf: CFModel | None = None) -> Evaluation:
-    """The Evaluation of any recommender's ranked lists `items` [S, num_beams] (0 = none) with their
-    `scores`, for the samples in that order (`seconds`, `device`: how long decoding took, where)."""
     target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
     found = items > 0
     padded = np.pad(items, ((0, 0), (0, max(0, max(KS) - items.shape[1]))))  # absent targets rank beyond every k
@@ -113,12 +120,11 @@ def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf
     llm[f"lists_under_{max(KS)}"] = float((found.sum(axis=1) < max(KS)).mean())
     metrics = {"llm": llm}
     if cf is not None:
-        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target)
+        users = torch.from_numpy(samples["user_id"].to_numpy().astype("int64")) if "user_id" in samples.columns else None
+        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target, users)
         llm["cc"] = float((torch.from_numpy(items[:, 0]) == cf_top1).double().mean())
         metrics["cf"] = ranking_metrics(cf_ranks)
     metrics["n_samples"] = samples.height
-    metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
-                         "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": device}
     offsets = pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32))
     predictions = pl.DataFrame({
         "sample_id": samples["sample_id"],
@@ -126,3 +132,11 @@ def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf
         "scores": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(scores[found]))),
     })
     return Evaluation(metrics, predictions)
+
+
+def read_lists(predictions: pl.DataFrame, num_beams: int) -> tuple[np.ndarray, np.ndarray]:
+    """`score_lists`' predictions table back to padded (items, scores) arrays [S, num_beams]."""
+    counts = predictions["items"].list.len().to_numpy().astype(np.int64)
+    items = pad(predictions["items"].explode().drop_nulls().to_numpy().astype(np.int64), counts, fill=0, width=num_beams)
+    scores = pad(predictions["scores"].explode().drop_nulls().to_numpy().astype(np.float32), counts, fill=-np.inf, width=num_beams)
+    return items, scores

@@ -23,7 +23,7 @@ def embed_texts(texts: list[str], model_dir: Path | str | None = None, batch_siz
     Texts are batched in order of length (less padding); rows come back in the input order and do
     not depend on `batch_size` beyond float rounding. An already loaded `model` / `tokenizer` may be
     passed instead of loading them from `model_dir`. Texts are cut to `max_tokens` tokens; an
-    empty text pools its single pad token.
+    empty text gets a zero vector (no information, orthogonal to everything).
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -45,4 +45,5 @@ def embed_texts(texts: list[str], model_dir: Path | str | None = None, batch_siz
         hidden = result.hidden_states[-1].float()
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    out[[not t for t in texts]] = 0
     return out

@@ -11,6 +11,13 @@ Everything lives in a work dir: `state.pt` (the last checkpoint: LoRA weights, o
 RNG, validation history), `adapter/` (the best adapter so far, peft `save_pretrained`) and
 `log.jsonl`. Calling `train` again on the same work dir resumes from the last checkpoint and
 continues exactly as the uninterrupted run would have (same data order, same dropout draws).
+
+Data parallel (`world`, see `tca.ddp`): an optimizer step takes `micro_batch x grad_accum x world.size`
+samples of the epoch's order; its k-th micro-batch of `micro_batch x world.size` samples is cut into
+one contiguous piece per rank, and the summed gradients are all-reduced before the step, so N ranks
+train exactly as one process with N times the micro-batch (same schedule, same loss normalization).
+Validation splits the valid samples across ranks and scores the gathered lists. Only rank 0 writes
+the work dir; every rank keeps its own RNG state in the checkpoint.
 """
 from __future__ import annotations
 
@@ -27,9 +34,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from tca import ddp
 from tca.collab_store import DistReader
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, evaluate
+from tca.evaluate import EvalConfig, recommend, score_lists
 from tca.hybrid_prompt import SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
@@ -145,16 +153,19 @@ class Trainer:
     """Trains `model` (a peft model: only LoRA weights trainable) on `samples`; `run()` resumes from `work_dir`."""
 
     def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
-                 work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None):
+                 work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None,
+                 world: ddp.World = ddp.World()):
+        """`world`: this process's rank among data-parallel processes (all must pass the same other arguments)."""
         self.model, self.batcher, self.samples, self.valid, self.cfg = model, batcher, samples, valid, cfg
-        self.work_dir, self.device, self.log = Path(work_dir), torch.device(device), log
-        self.progress = progress
+        self.work_dir, self.device, self.world = Path(work_dir), torch.device(device), world
+        self.log = log if world.main else (lambda msg: None)
+        self.progress = progress if world.main else None
         self.loss_cfg = cfg.loss_config
         self.bf16 = use_bf16(device, cfg.precision)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TcaError("the model has no trainable parameters; load it with a LoRA config")
-        self.step_size = cfg.micro_batch * cfg.grad_accum
+        self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # samples per optimizer step, all ranks
         self.steps_per_epoch = math.ceil(samples.height / self.step_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,6 +173,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
         self.target_len = batcher.targets.get(samples["item_id"].to_numpy())[1]
         self.state = {"step": 0, "valid": [], "best": None, "best_epoch": None, "bad": 0, "stopped": False, "log_bytes": 0}
+        ddp.sync_parameters(self.params, world)  # the same starting weights everywhere
 
     # ----- checkpoints -----
 
@@ -170,11 +182,16 @@ class Trainer:
         return self.work_dir / "state.pt"
 
     def save_checkpoint(self) -> None:
+        """Every rank calls it (the RNG states are gathered); rank 0 writes."""
         from peft import get_peft_model_state_dict
 
+        rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})
+        rng = ddp.gather(rng, self.world)
+        if not self.world.main:
+            return
         self.state["log_bytes"] = (self.work_dir / "log.jsonl").stat().st_size if (self.work_dir / "log.jsonl").exists() else 0
-        rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})
-        checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "state": self.state, "rng": rng,
+        checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "world_size": self.world.size,
+                      "state": self.state, "rng": rng,
                       "lora": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict()}
         tmp = self.state_path.with_suffix(".tmp")
@@ -182,7 +199,9 @@ class Trainer:
         os.replace(tmp, self.state_path)  # a kill mid-save leaves the previous checkpoint
 
     def save_adapter(self) -> None:
-        """`adapter/` <- the current LoRA weights, replaced whole (never half-written)."""
+        """`adapter/` <- the current LoRA weights, replaced whole (never half-written); rank 0 only."""
+        if not self.world.main:
+            return
         tmp, final = self.work_dir / "adapter.tmp", self.work_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
@@ -190,26 +209,36 @@ class Trainer:
         os.replace(tmp, final)
 
     def resume(self) -> None:
-        """Continue from `state.pt` if the work dir has one (same config and data, or an error)."""
-        if not self.state_path.exists():
-            return
+        """Continue from `state.pt` if the work dir has one (same config, data and world size, or an error).
+        Rank 0 reads it and hands it to the other ranks (their disks need not hold it)."""
         from peft import set_peft_model_state_dict
 
-        ckpt = torch.load(self.state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        if ckpt["config"] != asdict(self.cfg) or ckpt["n_samples"] != self.samples.height:
-            raise TcaError(f"{self.state_path} is a checkpoint of another configuration or data; delete {self.work_dir} to start over")
+        ckpt = None
+        if self.world.main and self.state_path.exists():
+            ckpt = torch.load(self.state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+            if (ckpt["config"], ckpt["n_samples"], ckpt.get("world_size")) != (asdict(self.cfg), self.samples.height, self.world.size):
+                ckpt = (f"{self.state_path} is a checkpoint of another configuration, data or number of processes; "
+                        f"delete {self.work_dir} to start over")
+        ckpt = ddp.broadcast(ckpt, self.world)
+        if isinstance(ckpt, str):
+            raise TcaError(ckpt)
+        if ckpt is None:
+            return
         set_peft_model_state_dict(self.model, ckpt["lora"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        rng = ckpt["rng"][self.world.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.state = ckpt["state"]
-        if (self.work_dir / "log.jsonl").exists():
+        if self.world.main and (self.work_dir / "log.jsonl").exists():
             os.truncate(self.work_dir / "log.jsonl", self.state["log_bytes"])  # drop lines logged after the checkpoint
         self.log(f"resumed from {self.state_path} at step {self.state['step']}/{self.total_steps}")
 
     def write_log(self, record: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.work_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -219,29 +248,42 @@ class Trainer:
         """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.samples.height)
 
+    def my_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of a step: its piece of `micro_batch` rows of every group of `micro_batch x world.size`."""
+        piece = np.arange(len(rows)) // self.cfg.micro_batch % self.world.size
+        return rows[piece == self.world.rank]
+
     def train_step(self, rows: np.ndarray) -> tuple[float, int, int]:
-        """One optimizer step on these sample rows: (summed loss, target tokens, tokens read)."""
+        """One optimizer step on these sample rows (of all ranks): (summed loss, target tokens, tokens read)."""
         n_target = int(self.target_len[rows].sum())
+        mine = self.my_rows(rows)
         loss_sum, n_tokens = 0.0, 0
-        for start in range(0, len(rows), self.cfg.micro_batch):
-            inputs, labels = self.batcher(self.samples[rows[start : start + self.cfg.micro_batch]], self.state["step"] / self.total_steps)
+        for start in range(0, len(mine), self.cfg.micro_batch):
+            inputs, labels = self.batcher(self.samples[mine[start : start + self.cfg.micro_batch]], self.state["step"] / self.total_steps)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg)
             (loss / n_target).backward()
             loss_sum += loss.item()
             n_tokens += inputs.n_tokens
+        loss_sum, n_tokens = ddp.sum_gradients(self.params, [loss_sum, n_tokens], self.world)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, n_target, n_tokens
+        return loss_sum, n_target, int(n_tokens)
 
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
         cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            metrics = evaluate(self.model, self.batcher.builder, self.batcher.trie, self.valid, cfg, hybrid=self.batcher.hybrid).metrics["llm"]
+        part = self.valid[ddp.split(self.valid.height, self.world)]
+        items, scores = np.zeros((0, cfg.num_beams), np.int64), np.zeros((0, cfg.num_beams), np.float32)
+        if part.height:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                items, scores = recommend(self.model, self.batcher.builder, self.batcher.trie, part["history"], cfg, hybrid=self.batcher.hybrid)
+        lists = ddp.gather((items, scores), self.world)
+        items, scores = (np.concatenate(parts) for parts in zip(*lists))
+        metrics = score_lists(items, scores, self.valid).metrics["llm"]
         value = metrics[self.cfg.valid_metric]
         best = self.state["best"] is None or value > self.state["best"]
         if best:
@@ -255,13 +297,15 @@ class Trainer:
         self.log(f"epoch {epoch}: valid {self.cfg.valid_metric} {value:.4f}" + (" (best)" if best else f" (best {self.state['best']:.4f} at epoch {self.state['best_epoch']})"))
 
     def run(self) -> TrainResult:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         self.resume()
         self.model.train()
         start = self.state["step"]
         window = {"loss": 0.0, "target": 0, "tokens": 0, "time": time.perf_counter()}
         self.log(f"{self.samples.height:,} samples, {self.cfg.epochs} epoch(s) of {self.steps_per_epoch} steps of "
-                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum} samples; loss {self.loss_cfg}")
+                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum}{f' x {self.world.size} ranks' if self.world.size > 1 else ''} samples; "
+                 f"loss {self.loss_cfg}")
         bar = self.progress(total=self.total_steps - start, unit="step",
                             desc="train" + (f" (resumed at step {start})" if start else "")) if self.progress else None
         for step in range(start, self.total_steps):

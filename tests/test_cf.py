@@ -51,11 +51,27 @@ class NotAModel(nn.Module):
 
 
 ALL_MODELS = [*MODELS, f"{__name__}:MeanPool"]
+GRAPH_MODELS = ["lightgcn", "alpharec", "rlmrec"]
 
 
 def tiny(**kw) -> CFConfig:
     base = dict(hidden=16, blocks=1, heads=2, dropout=0.0, max_len=HIST, batch_size=32, max_epochs=3, patience=2, lr=1e-2)
     return CFConfig(**{**base, **kw})
+
+
+def side_inputs(n_users: int = 200, dim: int = 12, seed: int = 0) -> dict:
+    """Random stand-ins for the text_emb / profiles artifacts the text-aware models need."""
+    rng = np.random.default_rng(seed)
+    return {"text_emb": rng.normal(size=(N_ITEMS + 1, dim)).astype(np.float32),
+            "item_profiles": rng.normal(size=(N_ITEMS + 1, dim)).astype(np.float32),
+            "user_profiles": rng.normal(size=(n_users + 1, dim)).astype(np.float32)}
+
+
+def make(spec: str, frames: dict, **kw) -> CFModel:
+    """A model built and prepared on the planted train split, as train_cf does."""
+    model = build(tiny(model=spec, **kw), N_ITEMS)
+    model.prepare(Samples.from_frame(frames["train"], HIST), side_inputs())
+    return model
 
 
 def planted_frames(n_users=150, length=22, seed=0) -> dict[str, pl.DataFrame]:
@@ -103,8 +119,7 @@ def frames():
 
 @pytest.fixture(scope="module")
 def batch(frames):
-    s = Samples.from_frame(frames["train"].head(64), HIST)
-    return {"history": s.history, "target": s.target}
+    return Samples.from_frame(frames["train"].head(64), HIST).batch(slice(None))
 
 
 def test_pad_histories_left_pads_and_keeps_latest():
@@ -116,9 +131,9 @@ def test_pad_histories_left_pads_and_keeps_latest():
 
 
 @pytest.mark.parametrize("spec", ALL_MODELS)
-def test_interface_contract(spec, batch):
+def test_interface_contract(spec, batch, frames):
     torch.manual_seed(0)
-    model = build(tiny(model=spec), N_ITEMS).eval()
+    model = make(spec, frames).eval()
     h = batch["history"][:8]
     with torch.no_grad():
         users, items, scores = model.encode_users(h), model.item_embeddings(), model.score(h)
@@ -129,15 +144,18 @@ def test_interface_contract(spec, batch):
         torch.testing.assert_close(scores[:, 1:], (users @ items.T)[:, 1:])
         assert torch.equal(model.full_sort_predict({"history": h}), scores)
         assert torch.equal(model(h), users)
+        with_users = model.score(h, batch["user"][:8])
+        assert with_users.shape == scores.shape and torch.isneginf(with_users[:, 0]).all()
+        assert torch.equal(model.full_sort_predict({"history": h, "user": batch["user"][:8]}), with_users)
     loss = model.train().calculate_loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
 
 
 @pytest.mark.parametrize("spec", ALL_MODELS)
-def test_padding_and_truncation_do_not_change_scores(spec, batch):
+def test_padding_and_truncation_do_not_change_scores(spec, batch, frames):
     torch.manual_seed(0)
-    model = build(tiny(model=spec), N_ITEMS).eval()
+    model = make(spec, frames).eval()
     h = batch["history"][:8].clone()
     h[0, :3] = 0  # one short history
     wider = torch.cat([torch.zeros(8, 5, dtype=torch.long), h], dim=1)  # extra left padding
@@ -150,12 +168,13 @@ def test_padding_and_truncation_do_not_change_scores(spec, batch):
         torch.testing.assert_close(model.score(narrower)[0], ref[0])
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "bpr"])
 @pytest.mark.parametrize("spec", ALL_MODELS)
-def test_training_steps_reduce_loss(spec, loss, batch):
+def test_training_steps_reduce_loss(spec, loss, batch, frames):
     torch.manual_seed(0)
-    model = build(tiny(model=spec, loss=loss), N_ITEMS).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = make(spec, frames, loss=loss).train()
+    # a graph model's vectors are means over its propagation layers: each step moves them less
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2 if spec in GRAPH_MODELS else 1e-2)
     losses = []
     for _ in range(25):
         value = model.calculate_loss(batch)
@@ -176,9 +195,9 @@ def test_negative_sampling_never_returns_the_positive():
 
 
 @pytest.mark.parametrize("spec", ALL_MODELS)
-def test_checkpoint_round_trip_gives_identical_scores(spec, batch, tmp_path):
+def test_checkpoint_round_trip_gives_identical_scores(spec, batch, frames, tmp_path):
     torch.manual_seed(0)
-    model = build(tiny(model=spec), N_ITEMS)
+    model = make(spec, frames)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.calculate_loss(batch).backward()
     opt.step()  # move away from the init
@@ -187,6 +206,7 @@ def test_checkpoint_round_trip_gives_identical_scores(spec, batch, tmp_path):
     assert type(loaded) is type(model) and loaded.cfg == model.cfg
     with torch.no_grad():
         assert torch.equal(loaded.score(batch["history"]), model.eval().score(batch["history"]))
+        assert torch.equal(loaded.score(batch["history"], batch["user"]), model.score(batch["history"], batch["user"]))
 
 
 def test_registry_errors():
@@ -207,8 +227,8 @@ def test_config_errors():
     with pytest.raises(TcaError, match="cf.hiden: unknown param"):
         CFConfig.from_params({"hiden": 3})
     with pytest.raises(TcaError, match="cf.loss"):
-        CFConfig.from_params({"loss": "bpr"})
-    assert CFConfig.from_params({"loss": "bce"}).loss == "bce"
+        CFConfig.from_params({"loss": "hinge"})
+    assert CFConfig.from_params({"loss": "bpr"}).loss == "bpr"
 
 
 def test_bad_input_stops_before_training(frames):

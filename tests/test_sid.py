@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,8 +220,6 @@ def stage_params(backbone: str) -> dict:
 
 @pytest.mark.parametrize("backbone", ["tiger", "letter"])
 def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone):
-    import shutil
-
     from pipeline.context import StageContext
     from pipeline.stages import cf_dist, eval as eval_stage, sid, train, trie as trie_stage
 
@@ -260,3 +259,22 @@ def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone)
     (root / "model").mkdir()
     text = recommend(Fake(), ["Movie 3", "Movie 4"], None, 3)
     assert "    Movie 3\n    Movie 4\n" in text and f"{backbone} T5 over SIDs" in text and text.count("\n") == 6
+
+
+def test_sid_and_text_emb_are_stand_ins_unless_a_sid_backbone_reads_them(sid_artifacts, tmp_path):
+    from pipeline.context import StageContext
+    from pipeline.stages import sid, text_emb
+
+    assert text_emb.needed(stage_params("tiger")) and text_emb.needed(stage_params("letter"))
+    assert not text_emb.needed(stage_params("tallrec"))
+    out = tmp_path / "sid"
+    out.mkdir()
+    sid.run(StageContext("sid", stage_params("msl"), out, sid_artifacts))
+    assert sorted(p.name for p in out.iterdir()) == ["letter", "meta.json", "tiger"] and not any((out / "tiger").iterdir())
+    assert "a stand-in" in sid.inspect(out, stage_params("msl"))
+    stand_in = tmp_path / "artifacts"
+    shutil.copytree(sid_artifacts, stand_in)
+    (stand_in / "text_emb" / "meta.json").write_text(json.dumps({"needed": False, "reason": "test"}))
+    (tmp_path / "again").mkdir()
+    with pytest.raises(TcaError, match="stand-in"):
+        sid.run(StageContext("sid", stage_params("tiger"), tmp_path / "again", stand_in))

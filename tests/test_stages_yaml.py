@@ -25,7 +25,7 @@ def test_cf_param_change_reaches_only_downstream():
     touched = [name for name, s in graph.stages.items() if "cf.loss" in select(flat, list(s.params))]
     assert touched == ["cf"]
     assert "data" not in graph.downstream("cf") and "cf_dist" in graph.downstream("cf")
-    assert graph.upstream("cf") == ["data"]
+    assert graph.upstream("cf") == ["data", "model", "text_emb", "profiles"]  # the last two: AlphaRec, RLMRec
 
 
 def test_stage_modules_import_without_torch():

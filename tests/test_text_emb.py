@@ -31,9 +31,9 @@ def test_vectors_are_unit_mean_pooled_states_and_batching_changes_nothing(tiny_m
     assert not np.allclose(got[1], got[2], atol=1e-3)  # different titles, different vectors
 
 
-def test_empty_text_gets_a_finite_vector(tiny_model_dir):
+def test_empty_text_gets_a_zero_vector(tiny_model_dir):
     got = embed_texts(["", "Fargo (1996)"], tiny_model_dir)
-    assert np.isfinite(got).all()
+    assert not got[0].any() and np.isclose(np.linalg.norm(got[1]), 1.0)
 
 
 def write_artifacts(root, model_dir, titles, ids=None):
@@ -46,7 +46,7 @@ def write_artifacts(root, model_dir, titles, ids=None):
 def test_stage_writes_a_padded_table_and_inspects(tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
     write_artifacts(root, tiny_model_dir, TITLES[:5])
-    params = {"text_emb": {"batch_size": 2}}
+    params = {"text_emb": {"batch_size": 2}, "cf": {"model": "alpharec"}}  # a reader: computed
     out = root / "text_emb"
     out.mkdir()
     stage.run(StageContext("text_emb", params, out, root, "cpu"))
@@ -64,4 +64,4 @@ def test_stage_rejects_item_ids_that_are_not_1_to_n(tiny_model_dir, tmp_path):
     root = tmp_path / "artifacts"
     write_artifacts(root, tiny_model_dir, ["a", "b"], ids=np.array([2, 3], dtype=np.int32))
     with pytest.raises(TcaError, match="item_id must be exactly 1..N"):
-        stage.run(StageContext("text_emb", {"text_emb": {"batch_size": 2}}, tmp_path / "out", root, "cpu"))
+        stage.run(StageContext("text_emb", {"text_emb": {"batch_size": 2}, "cf": {"model": "alpharec"}}, tmp_path / "out", root, "cpu"))

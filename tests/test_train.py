@@ -221,11 +221,12 @@ def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, 
 
     values, snapshots = iter([0.2, 0.5, 0.4, 0.3, 0.9]), []
 
-    def fake_evaluate(model, builder, trie, samples, cfg, hybrid=None):
-        snapshots.append(lora_weights(model))
+    def fake_score_lists(items, scores, samples, cf=None):
+        assert items.shape == (samples.height, cfg.valid_beams)
+        snapshots.append(lora_weights(t.model))
         return Evaluation({"llm": {"hr@5": next(values)}}, None)
 
-    monkeypatch.setattr("tca.train.evaluate", fake_evaluate)
+    monkeypatch.setattr("tca.train.score_lists", fake_score_lists)
     cfg = replace(BASE, epochs=5, micro_batch=10, grad_accum=1, eval_every=1, patience=2)
     t = trainer(world, tiny_model_dir, cfg, tmp_path / "es")
     result = t.run()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from pipeline.context import StageContext
+from pipeline.side_inputs import SIDE_INPUTS, check_computed
 from tca.errors import TcaError
 
 if TYPE_CHECKING:  # torch-backed: imported inside the functions so `tca status` stays fast
@@ -37,18 +38,39 @@ def read_splits(data: Path, max_len: int, train_fraction: float = 1.0, seed: int
     return n_items, splits
 
 
+def read_side_inputs(ctx: StageContext, needs: tuple[str, ...]) -> dict:
+    """The arrays a text-aware model asks for (AlphaRec: title embeddings; RLMRec: profile embeddings)."""
+    import numpy as np
+
+    out = {}
+    for name in needs:
+        if name not in SIDE_INPUTS:
+            raise TcaError(f"cf.model={ctx.param('cf.model')} needs input {name!r}; the cf stage provides {', '.join(SIDE_INPUTS)}")
+        stage, file = SIDE_INPUTS[name]
+        path = ctx.input(stage) / file
+        if not path.exists():
+            raise TcaError(f"{path} is missing: run the `{stage}` stage first (tca run-stage {stage})")
+        check_computed(ctx.input(stage), f"cf.model={ctx.param('cf.model')}")
+        out[name] = np.load(path)
+    return out
+
+
 def run(ctx: StageContext) -> None:
     from tca.cf.base import CFConfig
-    from tca.cf.registry import save_checkpoint
+    from tca.cf.graph import GraphCF
+    from tca.cf.registry import resolve, save_checkpoint
     from tca.cf.train import evaluate, evaluate_popularity, train_cf
 
     cfg = CFConfig.from_params(ctx.section("cf"))
     n_items, splits = read_splits(ctx.input("data"), cfg.max_len, cfg.train_fraction, cfg.seed)
     splits["test"].check(n_items, "test")
+    inputs = read_side_inputs(ctx, resolve(cfg.model).needs)
     ctx.log(f"{cfg.model} ({cfg.loss}) on {len(splits['train'])} train samples, {n_items} items, device {ctx.device}")
-    model, result = train_cf(cfg, n_items, splits["train"], splits["valid"], ctx.device)
+    model, result = train_cf(cfg, n_items, splits["train"], splits["valid"], ctx.device, inputs)
     ctx.log(f"best valid ndcg@10 {result.best_valid['ndcg@10']:.4f} at epoch {result.best_epoch}/{result.epochs} ({result.seconds:.0f} s)")
     test = splits["test"].to(ctx.device)
+    if isinstance(model, GraphCF):  # how many test samples take the history fallback
+        ctx.log(f"test samples whose user is unseen in train (history fallback): {(~model.known(test.user)).float().mean().item():.1%}")
     metrics = {
         "test": evaluate(model, test),
         "valid": result.best_valid,
@@ -76,9 +98,10 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     data = artifact_dir.parent / "data"
     titles = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()
     sample = pl.read_parquet(data / "test.parquet").row(0, named=True)
-    history = Samples.from_frame(pl.DataFrame({"history": [sample["history"]], "item_id": [sample["item_id"]]}), model.cfg.max_len)
+    row = pl.DataFrame({"history": [sample["history"]], "item_id": [sample["item_id"]], "user_id": [sample["user_id"]]})
+    history = Samples.from_frame(row, model.cfg.max_len)
     with torch.no_grad():
-        top = model.score(history.history).topk(10).indices[0].tolist()
+        top = model.score(history.history, history.user).topk(10).indices[0].tolist()
     lines += [
         "",
         f"model: {model.cfg.model} (loss {model.cfg.loss}, {model.n_items} items)",

@@ -1,4 +1,8 @@
-"""Stage `cf_dist`: q_t for every target position of every LLM training sample, into dist.zarr."""
+"""Stage `cf_dist`: q_t for every target position of every LLM training sample, into dist.zarr.
+
+Samples are scored in batches of BATCH rows of subset/train.parquet. `--shard i/n` computes a
+contiguous range of whole batches, so every shard scores exactly the batches an unsharded run
+would, and `merge` appends the shards' stores into arrays identical to that run's."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline.context import StageContext
 from tca.errors import TcaError
@@ -37,22 +40,36 @@ def run(ctx: StageContext) -> None:
             attrs |= {"cf_model": model.cfg.model, "cf_checkpoint_sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
     path = ctx.input("subset") / "train.parquet"
-    table = pq.ParquetFile(path)
-    missing = sorted(set(COLUMNS) - set(table.schema_arrow.names))
+    scan = pl.scan_parquet(path)
+    names = scan.collect_schema().names()
+    missing = sorted(set(COLUMNS) - set(names))
     if missing:
         raise TcaError(f"{path}: no column {', '.join(missing)}; rerun the subset stage")
-    if table.metadata.num_rows == 0:
+    n_rows = scan.select(pl.len()).collect().item()
+    if n_rows == 0:
         raise TcaError(f"{path} has no samples: raise subset.train or rerun the subset stage")
-    batches = (pl.from_arrow(b) for b in table.iter_batches(BATCH, columns=COLUMNS))
+    columns = COLUMNS + ["user_id"] if "user_id" in names else COLUMNS  # graph teachers read their user vectors
+    lo, hi = ctx.shard_range(n_rows, BATCH)
+    rows = scan.select(columns).slice(lo, hi - lo).collect()  # the subset's rows are small; q_t is what is big
     writer = DistWriter(ctx.out / "dist.zarr", attrs)
-    stream = stream_token_dist(trie, batches, model, cfg, ctx.device)
-    for sample_id, dist in ctx.progress(stream, total=math.ceil(table.metadata.num_rows / BATCH), desc="q_t", unit="batch"):
+    stream = stream_token_dist(trie, rows.iter_slices(BATCH), model, cfg, ctx.device)
+    for sample_id, dist in ctx.progress(stream, total=math.ceil(rows.height / BATCH), desc="q_t", unit="batch"):
         writer.append(sample_id, dist)
-    out = writer.close()
+    report(ctx, writer.close(), "" if ctx.shard is None else f" (rows {lo:,}..{hi:,} of {n_rows:,}: shard {ctx.shard[0]}/{ctx.shard[1]})")
+
+
+def merge(ctx: StageContext, shards: list[Path]) -> None:
+    """The shards' stores, in order, as one dist.zarr."""
+    from tca.collab_store import merge_stores
+
+    report(ctx, merge_stores([shard / "dist.zarr" for shard in shards], ctx.out / "dist.zarr"), f" (merged from {len(shards)} shards)")
+
+
+def report(ctx: StageContext, out: dict, where: str) -> None:
     ctx.log(
-        f"wrote dist.zarr: {out['n_samples']:,} samples, {out['n_positions']:,} positions, {out['nnz']:,} entries "
-        f"({out['nnz'] / out['n_samples']:.0f} per sample); cf_source={cfg.cf_source}, tau={cfg.temperature}, top_k={cfg.top_k}"
-        + (f", mass dropped by top_k: mean {out['dropped_mass_mean']:.4f}, max {out['dropped_mass_max']:.4f}" if cfg.top_k else "")
+        f"wrote dist.zarr{where}: {out['n_samples']:,} samples, {out['n_positions']:,} positions, {out['nnz']:,} entries "
+        f"({out['nnz'] / max(out['n_samples'], 1):.0f} per sample); cf_source={out['cf_source']}, tau={out['temperature']}, top_k={out['top_k']}"
+        + (f", mass dropped by top_k: mean {out['dropped_mass_mean']:.4f}, max {out['dropped_mass_max']:.4f}" if out["top_k"] else "")
     )
 
 

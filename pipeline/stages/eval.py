@@ -1,6 +1,9 @@
 """Stage `eval`: trie-constrained beam search of the trained LLM on the test (or valid) subset;
 writes predictions.parquet (ranked item ids and scores per sample) and metrics.json (the LLM's
-and the CF model's metrics on the same samples, collaborative consistency, decode throughput)."""
+and the CF model's metrics on the same samples, collaborative consistency, decode throughput).
+
+`--shard i/n` decodes a contiguous range of the samples; `merge` concatenates the shards' ranked
+lists and scores them as one run does (`tca.evaluate.score_lists`), so the metrics are the same."""
 from __future__ import annotations
 
 import json
@@ -52,39 +55,29 @@ def eval_config(params: dict):
 
 
 def run(ctx: StageContext) -> None:
-    import polars as pl
-
     from tca.cf.registry import load_checkpoint
-
-    cfg, split = eval_config(ctx.params)
-    samples = pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
-    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
-    adapter = ctx.input("train") / "adapter"
-    if (adapter / SID_RECORD).exists():
-        result = evaluate_sid(ctx, adapter, samples, cfg, cf, split)
-    else:
-        result = evaluate_llm(ctx, adapter, samples, cfg, cf, split)
-    result.predictions.write_parquet(ctx.out / "predictions.parquet")
-    metrics = {"split": split, **result.metrics}
-    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    llm, cf_m = metrics["llm"], metrics["cf"]
-    ctx.log(f"wrote predictions.parquet, metrics.json: LLM hr@10 {llm['hr@10']:.4f} ndcg@10 {llm['ndcg@10']:.4f} "
-            f"cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
-            f"{metrics['decode']['samples_per_s']:.2f} samples/s")
-
-
-def evaluate_llm(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str):
     from tca.evaluate import evaluate
 
+    cfg, split = eval_config(ctx.params)
+    samples = read_samples(ctx, split)
+    lo, hi = ctx.shard_range(samples.height)
+    samples = samples[lo:hi]
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+    adapter = ctx.input("train") / "adapter"
+    shard = '' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'
+    if (adapter / SID_RECORD).exists():
+        write(ctx, evaluate_sid(ctx, samples, cfg, cf, split, shard), split)
+        return
     model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
-    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, "
-            f"{'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
+    ctx.log(f"{samples.height:,} {split} samples{shard}, "
+            f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
-        return evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+        result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+    write(ctx, result, split)
 
 
-def evaluate_sid(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str):
+def evaluate_sid(ctx: StageContext, samples, cfg, cf, split: str, shard: str):
     """tiger / letter: the T5 of the train stage, beam search over the SID trie, the same metrics (under "llm")."""
     import time
 
@@ -92,11 +85,15 @@ def evaluate_sid(ctx: StageContext, adapter: Path, samples, cfg, cf, split: str)
     from tca.sid.seq2seq import recommend_sids
 
     model, items, trie, record = load_sid_recommender(ctx.artifacts, ctx.device)
-    ctx.log(f"{samples.height:,} {split} samples, {cfg.num_beams} beams, {record['backbone']} T5 over SIDs, device {ctx.device}")
+    ctx.log(f"{samples.height:,} {split} samples{shard}, {cfg.num_beams} beams, {record['backbone']} T5 over SIDs, device {ctx.device}")
     start = time.perf_counter()
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
         ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, record["max_history"], bar)
-    return score_lists(ranked, scores, samples, cfg, time.perf_counter() - start, ctx.device, cf)
+    seconds = time.perf_counter() - start
+    result = score_lists(ranked, scores, samples, cf)
+    result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": ctx.device}
+    return result
 
 
 def load_sid_recommender(artifacts: Path, device: str):
@@ -113,6 +110,43 @@ def load_sid_recommender(artifacts: Path, device: str):
     table = pl.read_parquet(artifacts / "trie" / "items.parquet")
     items = SidItems(table["item_id"].to_numpy(), table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy())
     return model, items, Trie.load(artifacts / "trie" / "trie.npz"), record
+
+
+def merge(ctx: StageContext, shards: list[Path]) -> None:
+    """The shards' lists, in order, scored as one run (decode time: summed over the shards)."""
+    import polars as pl
+
+    from tca.cf.registry import load_checkpoint
+    from tca.errors import TcaError
+    from tca.evaluate import read_lists, score_lists
+
+    cfg, split = eval_config(ctx.params)
+    samples = read_samples(ctx, split)
+    predictions = pl.concat([pl.read_parquet(shard / "predictions.parquet") for shard in shards])
+    if predictions["sample_id"].to_list() != samples["sample_id"].to_list():
+        raise TcaError(f"the predictions of the shards in {shards[0].parent} are not those of the {split} subset's samples; rerun the shards")
+    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device))
+    decodes = [json.loads((shard / "metrics.json").read_text())["decode"] for shard in shards]
+    seconds = sum(d["seconds"] for d in decodes)
+    result.metrics["decode"] = decodes[0] | {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / max(seconds, 1e-9), 3),
+                                             "shards": len(shards)}
+    write(ctx, result, split)
+
+
+def read_samples(ctx: StageContext, split: str):
+    import polars as pl
+
+    return pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
+
+
+def write(ctx: StageContext, result, split: str) -> None:
+    result.predictions.write_parquet(ctx.out / "predictions.parquet")
+    metrics = {"split": split, **result.metrics}
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    llm, cf_m = metrics["llm"], metrics["cf"]
+    ctx.log(f"wrote predictions.parquet, metrics.json: LLM hr@10 {llm['hr@10']:.4f} ndcg@10 {llm['ndcg@10']:.4f} "
+            f"cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
+            f"{metrics['decode']['samples_per_s']:.2f} samples/s")
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:

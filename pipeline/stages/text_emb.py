@@ -1,6 +1,7 @@
 """Stage `text_emb`: one language embedding per item title, from the `model` stage's LLM.
 
-Writes items.npy (float32 [N+1, d], row i = item i, row 0 = zeros for padding) and meta.json.
+Writes items.npy (float32 [N+1, d], row i = item i, row 0 = zeros for padding) and meta.json;
+when nothing downstream reads them (see `needed`), an empty stand-in instead (pipeline/side_inputs.py).
 """
 from __future__ import annotations
 
@@ -11,11 +12,24 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.context import StageContext
+from pipeline.context import StageContext, lookup
+from pipeline.side_inputs import cf_reads, skipped, write_stand_in
 from tca.errors import TcaError
+from tca.sid import SID_BACKBONES
+
+
+def needed(params: dict) -> bool:
+    """Whether a downstream stage reads the title embeddings under these params: the one place
+    that decides, so no run pays ~1.5 min for vectors nobody reads. The sid stage (TIGER/LETTER,
+    `train.backbone: tiger|letter`) adds its condition here."""
+    return cf_reads(params, "text_emb") or lookup(params, "train.backbone") in SID_BACKBONES
 
 
 def run(ctx: StageContext) -> None:
+    if not needed(ctx.params):
+        write_stand_in(ctx.out, f"cf.model={ctx.param('cf.model')} reads no title embeddings, nor does an LLM backbone", ("items.npy",))
+        ctx.log("skipped: nothing downstream reads title embeddings under these params")
+        return
     from tca.text_embed import embed_texts  # torch-backed: not imported by `tca status`
 
     path = ctx.input("data") / "items.parquet"
@@ -38,6 +52,8 @@ def run(ctx: StageContext) -> None:
 
 def inspect(artifact: Path, params: dict) -> str:
     """Shape and meta, then the nearest titles (cosine) of the first few items: a sanity check."""
+    if reason := skipped(artifact):
+        return f"text_emb/: a stand-in, not computed ({reason})"
     meta = json.loads((artifact / "meta.json").read_text())
     table = np.load(artifact / "items.npy")
     titles = pl.read_parquet(artifact.parent / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()

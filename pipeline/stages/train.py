@@ -6,6 +6,10 @@ projector into the adapter, with `adapter/hybrid.json` saying which backbone and
 The trainer checkpoints into artifacts/.resume/train-<key>/, keyed by the stage's params and the
 identity of its inputs, outside the runner's temporary output dir (which a rerun wipes): rerunning
 after an interruption resumes there with the same params and inputs. It is removed on success.
+
+Under torchrun / accelerate launch every rank runs this with the same params (DISTRIBUTED): each
+trains on its share of every step's samples (see `tca.train`) and only rank 0 writes the checkpoint
+dir and `ctx.out`; the runner keeps rank 0's outputs only.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from pipeline.context import StageContext
 
+DISTRIBUTED = True
 PARAMS = ("train", "lora", "tca.alpha", "prompt")
 SID_RECORD = "sid.json"  # in adapter/ of tiger / letter: the whole T5 is there (trained from scratch), and how it reads histories
 INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
@@ -58,12 +63,16 @@ def run(ctx: StageContext) -> None:
     import polars as pl
     import torch
 
+    from tca import ddp
     from tca.cf.registry import load_checkpoint
     from tca.hybrid_prompt import SLOTS, HybridPrompt
     from tca.llm import LoraSettings, load_model, use_bf16
     from tca.sid import SID_BACKBONES
     from tca.train import TrainConfig, Trainer
 
+    world = ddp.World.from_env()
+    log = ctx.log if world.main else (lambda msg: None)
+    ddp.init(world, ctx.device)  # the runner has joined the group already; a direct call to run() joins here
     cfg = TrainConfig.from_params(ctx.section("train"), ctx.param("tca.alpha"))
     if cfg.backbone in SID_BACKBONES:
         return train_sid(ctx, cfg)
@@ -72,7 +81,7 @@ def run(ctx: StageContext) -> None:
     if cfg.backbone in SLOTS:
         cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
         hybrid = HybridPrompt(cf, cfg.backbone, (cfg.curriculum_start, cfg.curriculum_end))
-        ctx.log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
+        log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
     batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid)
     columns = ["sample_id", "history", "item_id"]
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
@@ -82,8 +91,11 @@ def run(ctx: StageContext) -> None:
     bf16 = use_bf16(ctx.device, cfg.precision)
     model = load_model(ctx.input("model"), device=ctx.device, lora=lora, bf16=bf16, cf_dim=None if hybrid is None else hybrid.cf_dim)
     work = resume_dir(ctx)
-    ctx.log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}")
-    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress).run()
+    log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}"
+        + (f"; rank 0 of {world.size}: {world.size} x {cfg.micro_batch} x {cfg.grad_accum} samples per step" if world.size > 1 else ""))
+    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress, world).run()
+    if not world.main:
+        return
     shutil.move(work / "adapter", ctx.out / "adapter")
     if hybrid is not None:
         hybrid.save(ctx.out / "adapter")

@@ -5,6 +5,11 @@ recent item in the last column. Left padding puts every user's latest item at th
 which is where causal and masked encoders read the user representation; models count positions
 from the right, so extra left padding never changes a score. `pad_histories` turns a list
 column (oldest first) into that tensor.
+
+Models that learn a vector per user (LightGCN, AlphaRec, RLMRec) also take `users`, a LongTensor
+[B] of the data artifact's user ids (0 = unknown); called with a history only (as cf_dist, the
+hybrid prompts and `tca recommend` do), they fall back to a representation of the history.
+Sequential models (and plugins written as `encode_users(history)`) are never passed `users`.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class CFConfig:
     """The `cf:` param section: which model, its size, its loss and how it is trained."""
 
     model: str = "sasrec"  # registered name or module:Class
-    loss: str = "ce"  # ce: full softmax over items | bce: one sampled negative per positive
+    loss: str = "ce"  # ce: full softmax over items | bce / bpr: one sampled negative per positive
     hidden: int = 64
     blocks: int = 2
     heads: int = 1
@@ -38,19 +43,25 @@ class CFConfig:
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
     seed: int = 42
     train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
+    layers: int = 3  # graph models: propagation layers over the train user-item graph
+    tau: float = 0.15  # alpharec: InfoNCE temperature on cosine similarities (scores are cos / tau)
+    align_weight: float = 0.1  # rlmrec: weight of the contrastive CF <-> profile alignment loss
+    align_tau: float = 0.2  # rlmrec: temperature of that alignment loss
 
     @classmethod
     def from_params(cls, params: dict) -> "CFConfig":
         check_keys(cls, params, "cf")
         cfg = cls(**params)
-        if cfg.loss not in ("ce", "bce"):
-            raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce or bce")
+        if cfg.loss not in ("ce", "bce", "bpr"):
+            raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce, bce or bpr")
         if cfg.hidden % cfg.heads:
             raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
         if not 0 < cfg.mask_prob <= 1:
             raise TcaError(f"cf.mask_prob: {cfg.mask_prob} must be in (0, 1]")
         if not 0 < cfg.train_fraction <= 1:
             raise TcaError(f"cf.train_fraction: {cfg.train_fraction} must be in (0, 1] (1 = the whole train split)")
+        if cfg.layers < 0 or cfg.tau <= 0 or cfg.align_tau <= 0 or cfg.align_weight < 0:
+            raise TcaError("cf.layers must be >= 0, cf.tau and cf.align_tau > 0, cf.align_weight >= 0")
         for key in ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "patience"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"cf.{key}: {getattr(cfg, key)} must be >= 1")
@@ -78,18 +89,26 @@ def pad_histories(histories, max_len: int) -> torch.Tensor:
 class CFModel(nn.Module, ABC):
     """A CF model TCA4Rec can learn from: a user vector from a history, item vectors, scores.
 
-    Built as `Class(n_items, cfg)`. A batch is `{"history": [B, L] left-padded, "target": [B]}`.
+    Built as `Class(n_items, cfg)`, then `prepare(train, inputs)` once before training. A batch is
+    `{"history": [B, L] left-padded, "target": [B]}` plus `"user": [B]` when the split has user ids.
     Column 0 of `score` (padding) is -inf so it is never recommended.
     """
+
+    needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/side_inputs.py)
+    uses_users: bool = False  # learns a vector per user: callers pass user ids when they have them
 
     def __init__(self, n_items: int, cfg: CFConfig):
         super().__init__()
         self.n_items = n_items
         self.cfg = cfg
 
+    def prepare(self, train, inputs: dict) -> None:
+        """Called once with the train split (`tca.cf.train.Samples`) and the side inputs named in
+        `needs` (numpy arrays) before training; graph models build their graph here."""
+
     @abstractmethod
-    def encode_users(self, history: torch.Tensor) -> torch.Tensor:
-        """[B, L] left-padded history -> [B, d] user representation."""
+    def encode_users(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] left-padded history (and optional [B] user ids) -> [B, d] user representation."""
 
     @abstractmethod
     def item_embeddings(self) -> torch.Tensor:
@@ -99,16 +118,23 @@ class CFModel(nn.Module, ABC):
     def calculate_loss(self, batch: dict) -> torch.Tensor:
         """Scalar training loss of one batch."""
 
-    def score(self, history: torch.Tensor) -> torch.Tensor:
+    def score(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N+1] scores of every item (dot product); the padding column is -inf."""
-        scores = self.encode_users(history) @ self.item_embeddings().T
+        scores = score_samples(self, history, users, encode=True) @ self.item_embeddings().T
         scores[:, 0] = float("-inf")
         return scores
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
-        """RecBole-style: the sequence representation, i.e. `encode_users`."""
-        return self.encode_users(history)
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """RecBole-style: the user representation, i.e. `encode_users`."""
+        return score_samples(self, history, users, encode=True)
 
     def full_sort_predict(self, batch: dict) -> torch.Tensor:
         """RecBole-style: scores of all items for a batch."""
-        return self.score(batch["history"])
+        return self.score(batch["history"], batch.get("user"))
+
+
+def score_samples(model: CFModel, history: torch.Tensor, users: torch.Tensor | None = None, encode: bool = False) -> torch.Tensor:
+    """`model.score` (or `encode_users` when `encode`) with the samples' user ids for a model that
+    uses them, with the history only for any other (so plugins written as `score(history)` work)."""
+    fn = model.encode_users if encode else model.score
+    return fn(history, users) if users is not None and model.uses_users else fn(history)

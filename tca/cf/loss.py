@@ -1,4 +1,4 @@
-"""Next-item losses shared by the CF models: full softmax (ce) or one sampled negative (bce)."""
+"""Next-item losses shared by the CF models: full softmax (ce) or one sampled negative (bce, bpr)."""
 from __future__ import annotations
 
 import torch
@@ -18,4 +18,6 @@ def next_item_loss(states: torch.Tensor, targets: torch.Tensor, items: torch.Ten
     negatives = sample_negatives(targets, items.shape[0] - 1)
     pos = (states * items[targets]).sum(-1)
     neg = (states * items[negatives]).sum(-1)
+    if loss == "bpr":  # Rendle et al.: -log sigmoid(pos - neg)
+        return F.softplus(neg - pos).mean()
     return (F.softplus(-pos) + F.softplus(neg)).mean()

@@ -10,7 +10,13 @@ import torch
 from tca.cf.base import CFConfig, CFModel
 from tca.errors import TcaError
 
-MODELS = {"sasrec": "tca.cf.sasrec:SASRec", "bert4rec": "tca.cf.bert4rec:BERT4Rec"}
+MODELS = {
+    "sasrec": "tca.cf.sasrec:SASRec",
+    "bert4rec": "tca.cf.bert4rec:BERT4Rec",
+    "lightgcn": "tca.cf.lightgcn:LightGCN",
+    "alpharec": "tca.cf.alpharec:AlphaRec",
+    "rlmrec": "tca.cf.rlmrec:RLMRec",
+}
 
 
 def resolve(spec: str) -> type[CFModel]:

@@ -9,7 +9,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from tca.cf.base import CFConfig, CFModel, pad_histories
+from tca.cf.base import CFConfig, CFModel, pad_histories, score_samples
 from tca.cf.registry import build
 from tca.errors import TcaError
 from tca.metrics import popularity_scores, ranking_metrics, target_ranks
@@ -19,12 +19,19 @@ EVAL_BATCH = 1024
 
 @dataclass
 class Samples:
-    """One split as tensors: left-padded histories [S, max_len], targets [S] and, for training,
-    each sample's distance from its user's latest sample (0 = latest; from `user_id`, `timestamp`)."""
+    """One split as tensors: left-padded histories [S, max_len], targets [S], user ids [S] (when the
+    frame has `user_id`) and, for training, each sample's distance from its user's latest sample
+    (0 = latest; from `user_id`, `timestamp`)."""
 
     history: torch.Tensor
     target: torch.Tensor
     from_end: torch.Tensor | None = None
+    user: torch.Tensor | None = None
+
+    def batch(self, idx) -> dict:
+        """The samples at `idx` as a model batch (`history`, `target`, and `user` when known)."""
+        out = {"history": self.history[idx], "target": self.target[idx]}
+        return out if self.user is None else {**out, "user": self.user[idx]}
 
     @classmethod
     def from_frame(cls, df: pl.DataFrame, max_len: int) -> "Samples":
@@ -38,7 +45,8 @@ class Samples:
             )
             from_end = torch.from_numpy(ranked["from_end"].to_numpy().astype("int64"))
         target = torch.from_numpy(df["item_id"].to_numpy().astype("int64"))
-        return cls(pad_histories(df["history"], max_len), target, from_end)
+        user = torch.from_numpy(df["user_id"].to_numpy().astype("int64")) if "user_id" in df.columns else None
+        return cls(pad_histories(df["history"], max_len), target, from_end, user)
 
     def windows(self, generator: torch.Generator) -> torch.Tensor:
         """Indices of one epoch's training samples: each user's sequence cut into windows.
@@ -72,8 +80,10 @@ class Samples:
                 )
 
     def to(self, device: str) -> "Samples":
-        moved = None if self.from_end is None else self.from_end.to(device)
-        return Samples(self.history.to(device), self.target.to(device), moved)
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Samples(self.history.to(device), self.target.to(device), move(self.from_end), move(self.user))
 
 
 @dataclass
@@ -87,12 +97,13 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(model: CFModel, samples: Samples) -> dict[str, float]:
-    """Full-ranking HR@k / NDCG@k of the model on every sample (no history masking)."""
+    """Full-ranking HR@k / NDCG@k of the model on every sample (no history masking; with user ids
+    when the samples have them)."""
     model.eval()
-    ranks = [
-        target_ranks(model.score(samples.history[i : i + EVAL_BATCH]), samples.target[i : i + EVAL_BATCH])
-        for i in range(0, len(samples), EVAL_BATCH)
-    ]
+    ranks = []
+    for i in range(0, len(samples), EVAL_BATCH):
+        batch = samples.batch(slice(i, i + EVAL_BATCH))
+        ranks.append(target_ranks(score_samples(model, batch["history"], batch.get("user")), batch["target"]))
     return ranking_metrics(torch.cat(ranks))
 
 
@@ -108,7 +119,7 @@ def train_epoch(model: CFModel, opt: torch.optim.Optimizer, train: Samples, batc
     total = torch.zeros((), device=train.target.device)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        loss = model.calculate_loss({"history": train.history[idx], "target": train.target[idx]})
+        loss = model.calculate_loss(train.batch(idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -137,10 +148,13 @@ def fit(model: CFModel, train: Samples, valid: Samples, cfg: CFConfig, desc: str
     return FitResult(best_epoch, best, epoch, time.perf_counter() - start, losses)
 
 
-def train_cf(cfg: CFConfig, n_items: int, train: Samples, valid: Samples, device: str = "cpu") -> tuple[CFModel, FitResult]:
-    """Check the data, build the model under cfg.seed, and fit it on `device`."""
+def train_cf(cfg: CFConfig, n_items: int, train: Samples, valid: Samples, device: str = "cpu",
+             inputs: dict | None = None) -> tuple[CFModel, FitResult]:
+    """Check the data, build the model under cfg.seed, prepare it (graph, side `inputs`) and fit it on `device`."""
     train.check(n_items, "train")
     valid.check(n_items, "valid")
     torch.manual_seed(cfg.seed)
-    model = build(cfg, n_items).to(device)
+    model = build(cfg, n_items)
+    model.prepare(train, inputs or {})
+    model = model.to(device)
     return model, fit(model, train.to(device), valid.to(device), cfg, desc=f"cf {cfg.model}/{cfg.loss}")
