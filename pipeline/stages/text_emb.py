@@ -27,7 +27,7 @@ def needed(params: dict) -> bool:
 
 def run(ctx: StageContext) -> None:
     if not needed(ctx.params):
-        write_stand_in(ctx.out, f"cf.model={ctx.param('cf.model')} reads no title embeddings, nor does an LLM backbone", ("items.npy",))
+        write_stand_in(ctx.out, f"cf.model={ctx.param('cf.model')} reads no title embeddings", ("items.npy",))
         ctx.log("skipped: nothing downstream reads title embeddings under these params")
         return
     from tca.text_embed import embed_texts  # torch-backed: not imported by `tca status`
