@@ -127,6 +127,9 @@ def test_tiny_temperature_follows_the_cf_argmax(titles, seed):
         for t, q in enumerate(got):
             cands = [i for i, s in seqs.items() if s[:t] == y[:t]]
             best = max(cands, key=lambda i: scores[b, i].item())
+            rivals = [scores[b, i].item() for i in cands if seqs[i][t] != seqs[best][t]]
+            if rivals and scores[b, best].item() - max(rivals) < 1e-4:  # a near tie (seed 40 drew one 9e-6 apart) splits the mass
+                continue
             assert q[seqs[best][t]] == pytest.approx(1.0, abs=1e-6)
 
 
