@@ -44,9 +44,11 @@ def recommend(project: Project, titles: list[str], user: int | None, top_k: int)
     import polars as pl
     import torch
 
-    from pipeline.stages.eval import eval_config, load_recommender
+    from pipeline.stages.eval import eval_config, load_recommender, load_sid_recommender
+    from pipeline.stages.train import SID_RECORD
     from tca.errors import TcaError
     from tca.evaluate import recommend as rank
+    from tca.sid.seq2seq import recommend_sids
 
     if bool(titles) == (user is not None):
         raise TcaError("give either --history TITLE (repeatable) or --user ID")
@@ -56,12 +58,19 @@ def recommend(project: Project, titles: list[str], user: int | None, top_k: int)
     items = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"])
     history = history_of_titles(items, titles) if titles else history_of_user(data, user, project.params["data"]["history_len"])
     device = project.device if project.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    model, builder, trie, names, hybrid = load_recommender(project.artifacts, project.params, device)
     cfg, _ = eval_config(project.params)
     cfg = replace(cfg, num_beams=max(cfg.num_beams, top_k))
-    ranked, scores = rank(model, builder, trie, pl.Series([history], dtype=pl.List(pl.Int64)), cfg, hybrid=hybrid)
+    histories = pl.Series([history], dtype=pl.List(pl.Int64))
     adapter = project.artifacts / "train" / "adapter"
-    prompts = "" if hybrid is None else f"{hybrid.backbone} prompts, "
+    names = ["", *items.sort("item_id")["title"].to_list()]
+    if (adapter / SID_RECORD).exists():  # tiger / letter: the T5 over semantic IDs
+        model, sid_items, trie, record = load_sid_recommender(project.artifacts, device)
+        ranked, scores = recommend_sids(model, sid_items, trie, histories, cfg, record["max_history"])
+        prompts = f"{record['backbone']} T5 over SIDs, "
+    else:
+        model, builder, trie, names, hybrid = load_recommender(project.artifacts, project.params, device)
+        ranked, scores = rank(model, builder, trie, histories, cfg, hybrid=hybrid)
+        prompts = "" if hybrid is None else f"{hybrid.backbone} prompts, "
     lines = [f"history ({'user ' + str(user) + ', ' if user is not None else ''}oldest first):",
              *(f"    {names[i]}" for i in history),
              f"top {top_k} ({'adapter ' + str(adapter) if adapter.is_dir() else 'no trained adapter: the base model'}; {prompts}"

@@ -11,6 +11,8 @@ beam (tca.beam_attention), and rows of dead beams and finished samples leave the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -72,16 +74,24 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
             raise ValueError("hybrid prompts need the CF vectors of their slots (slot_vectors)")
         slot = torch.from_numpy(pad(prompts.slot, prompts.lengths, fill=0, left=True)).to(device)
         tokens = {"inputs_embeds": input_embeds(model, ids, slot, slot_vectors)}
+
+    def advance(src: torch.Tensor, sample: torch.Tensor, slot: torch.Tensor, t: int, tokens: torch.Tensor) -> torch.Tensor:
+        kv.select(src, sample, slot)
+        return _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=tokens[:, None])
+
     with switched_to(model, ids.shape[1] + trie.max_depth):
-        return _search(model, trie, kv, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), lengths, K, lp, renormalize)
+        return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance)
 
 
-def _search(model, trie: DeviceTrie, kv: BeamKV, logits: torch.Tensor, lengths: torch.Tensor, K: int, lp: float,
-            renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The search proper, from the prompts' next-token logits [B, V]."""
-    device, B = logits.device, len(lengths)
+def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormalize: bool,
+           advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search proper, from each sample's first next-token logits [B, V] (row b: sample b), for
+    any model: `advance(src, sample, slot, t, tokens)` makes row i of the new batch continue row
+    src[i] of the previous one (as beam `slot[i]` of `sample[i]`) with `tokens[i]` at step t and
+    returns the new rows' next-token logits."""
+    device, B = logits.device, len(logits)
     # live rows of the model's batch: their sample, beam slot, trie node and summed log-prob
-    sample, slot = kv.sample, kv.slot
+    sample, slot = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
     node = torch.zeros(B, dtype=torch.long, device=device)
     score = torch.zeros(B, device=device)
     fin_score = torch.full((B, K), NEG_INF, device=device)
@@ -123,8 +133,7 @@ def _search(model, trie: DeviceTrie, kv: BeamKV, logits: torch.Tensor, lengths: 
         step_edge = top_edge.gather(1, pick)[new_sample, new_slot]
         sample, slot, score = new_sample, new_slot, run_score[new_sample, new_slot]
         node = trie.child_node[step_edge]
-        kv.select(src, sample, slot)
-        logits = _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=trie.child_token[step_edge][:, None])
+        logits = advance(src, sample, slot, t, trie.child_token[step_edge])
     return torch.where(fin_score > NEG_INF, fin_node, -1), fin_score
 
 

@@ -42,16 +42,17 @@ from tca.hybrid_prompt import SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.prompt import PromptBuilder
+from tca.sid import SID_BACKBONES
 from tca.trie import Trie
 
-BACKBONES = ("tallrec", "msl", *SLOTS)  # llara, collm: CF embeddings in the prompt (tca.hybrid_prompt)
+BACKBONES = ("tallrec", "msl", *SLOTS, *SID_BACKBONES)  # llara, collm: CF embeddings in the prompt (tca.hybrid_prompt); tiger, letter: tca.sid
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` param section, plus `tca.alpha`."""
 
-    backbone: str = "tallrec"  # tallrec | msl (msl = tallrec + MSL's masked softmax) | llara | collm
+    backbone: str = "tallrec"  # tallrec | msl (msl = tallrec + MSL's masked softmax) | llara | collm | tiger | letter (T5 over SIDs)
     loss: str = "tca"  # tca (soft NTP) | kl (w/o SA) | ntp (TallRec's plain NTP)
     alpha: float = 0.1  # tca.alpha
     msl: bool = False  # masked softmax over the trie children (on whenever backbone is msl)

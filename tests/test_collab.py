@@ -127,6 +127,9 @@ def test_tiny_temperature_follows_the_cf_argmax(titles, seed):
         for t, q in enumerate(got):
             cands = [i for i, s in seqs.items() if s[:t] == y[:t]]
             best = max(cands, key=lambda i: scores[b, i].item())
+            rivals = [scores[b, i].item() for i in cands if seqs[i][t] != seqs[best][t]]
+            if rivals and scores[b, best].item() - max(rivals) < 1e-4:  # a near tie (seed 40 drew one 9e-6 apart) splits the mass
+                continue
             assert q[seqs[best][t]] == pytest.approx(1.0, abs=1e-6)
 
 
@@ -294,7 +297,7 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
     from tca.cf import load_checkpoint
 
     monkeypatch.setattr(cf_dist_stage, "BATCH", 5)  # several batches
-    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1}}
+    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1}, "train": {"backbone": "tallrec"}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     cf_dist_stage.run(ctx)

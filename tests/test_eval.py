@@ -30,6 +30,7 @@ PARAMS = {
                "instruction": "Given the user's interaction history, recommend the {domain} the user is most likely to interact with next."},
     "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3},
     "data": {"history_len": 10},
+    "train": {"backbone": "tallrec"},
 }
 
 

@@ -35,8 +35,8 @@ class TitleReader(SASRec):
     needs = ("text_emb",)
 
 
-def params(model: str) -> dict:
-    return {"cf": {"model": model}}
+def params(model: str, backbone: str = "tallrec") -> dict:
+    return {"cf": {"model": model}, "train": {"backbone": backbone}}
 
 
 def test_needed_follows_the_cf_class_needs_including_plugins():
@@ -44,6 +44,7 @@ def test_needed_follows_the_cf_class_needs_including_plugins():
     assert text_emb.needed(params("alpharec")) and not cf_reads(params("alpharec"), "profiles")
     assert cf_reads(params("rlmrec"), "profiles") and not text_emb.needed(params("rlmrec"))
     assert text_emb.needed(params(f"{__name__}:TitleReader"))
+    assert text_emb.needed(params("sasrec", "tiger")) and text_emb.needed(params("sasrec", "letter"))  # the sid stage reads them
 
 
 def make_project(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:

@@ -241,7 +241,7 @@ def test_repo_experiments_resolve_against_stages_yaml():
             Project(REPO, [*exp.shared, *variant.overrides])
     main = {v.name: v for v in experiments["main"].variants}
     assert {"SASRec", "BERT4Rec", "LightGCN", "AlphaRec", "RLMRec", "TallRec", "TallRec+TCA", "MSL", "MSL+TCA", "LLaRA", "LLaRA+TCA",
-            "CoLLM", "CoLLM+TCA"} == set(main)
+            "CoLLM", "CoLLM+TCA", "TIGER", "TIGER+TCA", "LETTER", "LETTER+TCA"} == set(main)
     assert main["SASRec"].show == main["BERT4Rec"].show == "cf"
     alphas = [Project(REPO, [*experiments["alpha"].shared, *v.overrides]).params["tca"]["alpha"] for v in experiments["alpha"].variants]
     assert alphas == [0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]

@@ -133,7 +133,7 @@ def test_trie_stage_run_and_inspect(tmp_path, tiny_model_dir, tokenizer):
     (artifacts / "model").symlink_to(tiny_model_dir)
     items = pl.DataFrame({"item_id": pl.Series(range(1, len(TITLES) + 1), dtype=pl.Int32), "title": TITLES})
     items.write_parquet(artifacts / "data" / "items.parquet")
-    params = {"prompt": {"domain": "movies", "target_template": "{title}"}}
+    params = {"prompt": {"domain": "movies", "target_template": "{title}"}, "train": {"backbone": "tallrec"}}
     ctx = StageContext(name="trie", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     trie_stage.run(ctx)

@@ -14,6 +14,7 @@ import polars as pl
 
 from pipeline.context import StageContext
 from tca.errors import TcaError
+from tca.sid import SID_BACKBONES
 from tca.trie import Trie
 
 BATCH = 256  # samples per CF scoring + kernel call; bounds memory with the writer's shard buffers
@@ -85,7 +86,10 @@ def inspect(artifact: Path, params: dict) -> str:
     gold = pl.read_parquet(artifact.parent / "subset" / "train.parquet", columns=["sample_id", "item_id"]).filter(pl.col("sample_id") == sample)
     targets = pl.read_parquet(artifact.parent / "trie" / "items.parquet").filter(pl.col("item_id") == gold["item_id"][0])
     target = targets["token_ids"][0].to_list()
-    tokenizer = AutoTokenizer.from_pretrained(artifact.parent / "model")
+    if params["train"]["backbone"] in SID_BACKBONES:  # SID codes are shown as their ids
+        decode = lambda ids: " ".join(map(str, ids))
+    else:
+        decode = AutoTokenizer.from_pretrained(artifact.parent / "model").decode
     labels = reader.read(np.array([sample]))
     lines = [
         f"cf_dist/dist.zarr: {a['n_samples']:,} samples, {a['n_positions']:,} positions, {a['nnz']:,} entries "
@@ -93,14 +97,14 @@ def inspect(artifact: Path, params: dict) -> str:
         f"  cf_source={a['cf_source']} (model {a['cf_model']}), tau={a['temperature']}, top_k={a['top_k']}"
         + (f" (mass dropped: mean {a['dropped_mass_mean']:.4f}, max {a['dropped_mass_max']:.4f})" if a["top_k"] else ""),
         f"  trie {a['trie_hash'][:12]}",
-        f"sample {sample}, gold item {gold['item_id'][0]}: {tokenizer.decode(target)!r} (* = gold token)",
+        f"sample {sample}, gold item {gold['item_id'][0]}: {decode(target)!r} (* = gold token)",
     ]
     for t, count in enumerate(labels.count[0].tolist()):
         tokens, probs = labels.token[0, t, :count], labels.prob[0, t, :count]
         order = probs.argsort(descending=True, stable=True)
         gold_rank = int((tokens[order] == target[t]).nonzero()[0, 0])
-        shown = [f"{tokenizer.decode([v])!r}{'*' if r == gold_rank else ''} {probs[i]:.3f}" for r, (i, v) in enumerate(zip(order[:TOP].tolist(), tokens[order[:TOP]].tolist()))]
+        shown = [f"{decode([v])!r}{'*' if r == gold_rank else ''} {probs[i]:.3f}" for r, (i, v) in enumerate(zip(order[:TOP].tolist(), tokens[order[:TOP]].tolist()))]
         if gold_rank >= TOP:
-            shown.append(f"... {tokenizer.decode([target[t]])!r}* {probs[order[gold_rank]]:.3f} (rank {gold_rank + 1})")
-        lines.append(f"  {tokenizer.decode(target[:t])!r:<40} -> {'  '.join(shown)}  ({count} {'child' if count == 1 else 'children'})")
+            shown.append(f"... {decode([target[t]])!r}* {probs[order[gold_rank]]:.3f} (rank {gold_rank + 1})")
+        lines.append(f"  {decode(target[:t])!r:<40} -> {'  '.join(shown)}  ({count} {'child' if count == 1 else 'children'})")
     return "\n".join(lines)

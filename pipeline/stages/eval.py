@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from pipeline.context import StageContext
+from pipeline.stages.train import SID_RECORD
 
 SPLITS = ("valid", "test")
 SHOWN = 3  # samples `tca inspect eval` prints
@@ -62,14 +63,53 @@ def run(ctx: StageContext) -> None:
     lo, hi = ctx.shard_range(samples.height)
     samples = samples[lo:hi]
     cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
-    model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
     adapter = ctx.input("train") / "adapter"
-    ctx.log(f"{samples.height:,} {split} samples{'' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'}, "
+    shard = '' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'
+    if (adapter / SID_RECORD).exists():
+        write(ctx, evaluate_sid(ctx, samples, cfg, cf, split, shard), split)
+        return
+    model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
+    ctx.log(f"{samples.height:,} {split} samples{shard}, "
             f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
         result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
     write(ctx, result, split)
+
+
+def evaluate_sid(ctx: StageContext, samples, cfg, cf, split: str, shard: str):
+    """tiger / letter: the T5 of the train stage, beam search over the SID trie, the same metrics (under "llm")."""
+    import time
+
+    from tca.evaluate import score_lists
+    from tca.sid.seq2seq import recommend_sids
+
+    model, items, trie, record = load_sid_recommender(ctx.artifacts, ctx.device)
+    ctx.log(f"{samples.height:,} {split} samples{shard}, {cfg.num_beams} beams, {record['backbone']} T5 over SIDs, device {ctx.device}")
+    start = time.perf_counter()
+    with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
+        ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, record["max_history"], bar)
+    seconds = time.perf_counter() - start
+    result = score_lists(ranked, scores, samples, cf)
+    result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": ctx.device}
+    return result
+
+
+def load_sid_recommender(artifacts: Path, device: str):
+    """(T5 of the train stage, SidItems, SID trie, the adapter's sid.json) of a tiger / letter run."""
+    import polars as pl
+    from transformers import T5ForConditionalGeneration
+
+    from tca.sid.seq2seq import SidItems
+    from tca.trie import Trie
+
+    adapter = artifacts / "train" / "adapter"
+    record = json.loads((adapter / SID_RECORD).read_text())
+    model = T5ForConditionalGeneration.from_pretrained(adapter).to(device)
+    table = pl.read_parquet(artifacts / "trie" / "items.parquet")
+    items = SidItems(table["item_id"].to_numpy(), table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy())
+    return model, items, Trie.load(artifacts / "trie" / "trie.npz"), record
 
 
 def merge(ctx: StageContext, shards: list[Path]) -> None:

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.context import StageContext
+from pipeline.context import StageContext, lookup
 from pipeline.side_inputs import cf_reads, skipped, write_stand_in
 from tca.errors import TcaError
+from tca.sid import SID_BACKBONES
 
 
 def needed(params: dict) -> bool:
     """Whether a downstream stage reads the title embeddings under these params: the one place
     that decides, so no run pays ~1.5 min for vectors nobody reads. The sid stage (TIGER/LETTER,
     `train.backbone: tiger|letter`) adds its condition here."""
-    return cf_reads(params, "text_emb")
+    return cf_reads(params, "text_emb") or lookup(params, "train.backbone") in SID_BACKBONES
 
 
 def run(ctx: StageContext) -> None:

@@ -22,6 +22,7 @@ from pipeline.context import StageContext
 
 DISTRIBUTED = True
 PARAMS = ("train", "lora", "tca.alpha", "prompt")
+SID_RECORD = "sid.json"  # in adapter/ of tiger / letter: the whole T5 is there (trained from scratch), and how it reads histories
 INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
           "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet", "cf/model.pt")
 
@@ -66,12 +67,15 @@ def run(ctx: StageContext) -> None:
     from tca.cf.registry import load_checkpoint
     from tca.hybrid_prompt import SLOTS, HybridPrompt
     from tca.llm import LoraSettings, load_model, use_bf16
+    from tca.sid import SID_BACKBONES
     from tca.train import TrainConfig, Trainer
 
     world = ddp.World.from_env()
     log = ctx.log if world.main else (lambda msg: None)
     ddp.init(world, ctx.device)  # the runner has joined the group already; a direct call to run() joins here
     cfg = TrainConfig.from_params(ctx.section("train"), ctx.param("tca.alpha"))
+    if cfg.backbone in SID_BACKBONES:
+        return train_sid(ctx, cfg)
     lora = LoraSettings.from_params(ctx.section("lora"))
     hybrid = None
     if cfg.backbone in SLOTS:
@@ -101,6 +105,34 @@ def run(ctx: StageContext) -> None:
     ctx.log(f"wrote adapter/, log.jsonl after {result.steps} steps{' (stopped early)' if result.stopped_early else ''}{best}")
 
 
+def train_sid(ctx: StageContext, cfg) -> None:
+    """tiger / letter: a T5 from scratch over the SIDs of the trie stage (seq2seq section), with
+    train.loss and tca.alpha as for the LLMs; adapter/ holds the whole model and sid.json."""
+    import polars as pl
+
+    from tca.collab_store import DistReader
+    from tca.sid.rqvae import vocab_size
+    from tca.sid.seq2seq import Seq2SeqConfig, SidBatcher, SidItems, build_model, train_seq2seq
+    from tca.trie import Trie
+
+    s2s = Seq2SeqConfig.from_params(ctx.section("seq2seq"))
+    table = pl.read_parquet(ctx.input("trie") / "items.parquet")
+    tokens = table["token_ids"].list.to_array(table["token_ids"].list.len().max()).to_numpy()
+    items = SidItems(table["item_id"].to_numpy(), tokens)
+    trie = Trie.load(ctx.input("trie") / "trie.npz")
+    loss = cfg.loss_config
+    dist = DistReader(ctx.input("cf_dist") / "dist.zarr", trie) if loss.uses_q else None
+    samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=["sample_id", "history", "item_id"])
+    model = build_model(s2s, vocab_size(tokens))
+    ctx.log(f"{cfg.backbone}: T5 from scratch ({sum(p.numel() for p in model.parameters()):,} parameters, SID vocabulary "
+            f"{vocab_size(tokens)}) on {samples.height:,} samples, {s2s.epochs} epochs; loss {loss}")
+    records = train_seq2seq(model, SidBatcher(items, trie, dist, loss, s2s.max_history), samples, s2s, ctx.device, ctx.log, ctx.progress)
+    model.save_pretrained(ctx.out / "adapter")
+    (ctx.out / "adapter" / SID_RECORD).write_text(json.dumps({"backbone": cfg.backbone, "max_history": s2s.max_history}) + "\n")
+    (ctx.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ctx.log(f"wrote adapter/ (T5), log.jsonl: loss {records[0]['loss']:.4f} (epoch 1) -> {records[-1]['loss']:.4f}")
+
+
 def inspect(artifact_dir: Path, params: dict) -> str:
     """The adapter's settings and size, the loss and throughput over training, and every validation."""
     import math
@@ -109,6 +141,14 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     from tca.hybrid_prompt import PROJECTOR, RECORD
 
+    if (artifact_dir / "adapter" / SID_RECORD).exists():
+        record = json.loads((artifact_dir / "adapter" / SID_RECORD).read_text())
+        config = json.loads((artifact_dir / "adapter" / "config.json").read_text())
+        epochs = [json.loads(line) for line in (artifact_dir / "log.jsonl").read_text().splitlines()]
+        return "\n".join([f"train/: {record['backbone']}: T5 from scratch, d_model {config['d_model']}, {config['num_layers']} + "
+                          f"{config['num_decoder_layers']} layers, SID vocabulary {config['vocab_size']}; loss {params['train']['loss']} "
+                          f"(alpha {params['tca']['alpha']})",
+                          *(f"  epoch {r['epoch']:>3}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['samples_per_s']:,.0f} samples/s" for r in epochs)])
     config = json.loads((artifact_dir / "adapter" / "adapter_config.json").read_text())
     with safe_open(artifact_dir / "adapter" / "adapter_model.safetensors", framework="pt") as f:
         sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}

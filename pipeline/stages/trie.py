@@ -1,16 +1,36 @@
-"""Stage `trie`: every item's target ids (prompt.target_template + EOS) and their CSR trie."""
+"""Stage `trie`: every item's target ids and their CSR trie: the title's tokens (prompt.target_template
++ EOS) for the LLM backbones, the item's semantic ID from the `sid` stage for tiger and letter. Every
+stage below (cf_dist, train, eval) reads only this, whichever the tokens are."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from pipeline.context import StageContext
+from tca.sid import SID_BACKBONES
 from tca.trie import Trie, build_trie, target_ids
 
 
 def run(ctx: StageContext) -> None:
+    backbone = ctx.param("train.backbone")
+    if backbone in SID_BACKBONES:
+        for name in ("trie.npz", "items.parquet"):
+            shutil.copyfile(ctx.input("sid") / backbone / name, ctx.out / name)
+        trie = Trie.load(ctx.out / "trie.npz")
+    else:
+        trie = title_trie(ctx)
+    stats = trie.stats()
+    ctx.log(
+        f"wrote trie.npz, items.parquet ({backbone + ' SIDs' if backbone in SID_BACKBONES else 'title tokens'}): "
+        f"{stats['items']:,} items, {stats['nodes']:,} nodes, max depth {stats['max_depth']}, "
+        f"root branching {stats['root_branching']:,}, items per leaf {stats['items_per_leaf_mean']:.3f} (max {stats['items_per_leaf_max']})"
+    )
+
+
+def title_trie(ctx: StageContext) -> Trie:
     from transformers import AutoTokenizer  # heavy: imported when the stage runs, not by `tca status`
 
     items = pl.read_parquet(ctx.input("data") / "items.parquet", columns=["item_id", "title"])
@@ -19,11 +39,7 @@ def run(ctx: StageContext) -> None:
     trie = build_trie(items["item_id"].to_numpy(), targets)
     trie.save(ctx.out / "trie.npz")
     pl.DataFrame({"item_id": items["item_id"], "token_ids": targets}).write_parquet(ctx.out / "items.parquet")
-    stats = trie.stats()
-    ctx.log(
-        f"wrote trie.npz, items.parquet: {stats['items']:,} items, {stats['nodes']:,} nodes, max depth {stats['max_depth']}, "
-        f"root branching {stats['root_branching']:,}, items per leaf {stats['items_per_leaf_mean']:.3f} (max {stats['items_per_leaf_max']})"
-    )
+    return trie
 
 
 def inspect(artifact: Path, params: dict) -> str:
@@ -32,8 +48,12 @@ def inspect(artifact: Path, params: dict) -> str:
 
     trie = Trie.load(artifact / "trie.npz")
     items = pl.read_parquet(artifact / "items.parquet").with_columns(n=pl.col("token_ids").list.len()).sort("n", "item_id")
-    tokenizer = AutoTokenizer.from_pretrained(artifact.parent / "model")
     stats = trie.stats()
+    backbone = params["train"]["backbone"]
+    if backbone in SID_BACKBONES:  # codes, not words: the sid stage's inspect shows them with titles
+        return "\n".join([f"trie/ over {backbone} SIDs (hash {trie.digest()[:12]}); `tca inspect sid` shows codes with titles",
+                          *(f"  {key}: {value:,}" if isinstance(value, int) else f"  {key}: {value:.3f}" for key, value in stats.items())])
+    tokenizer = AutoTokenizer.from_pretrained(artifact.parent / "model")
     root = trie.child_node[: stats["root_branching"]]  # edges of node 0 come first
     biggest = np.argsort(trie.node_lo[root] - trie.node_hi[root], kind="stable")[:5]
     lines = [f"trie/ (prompt.target_template={params['prompt']['target_template']!r}, hash {trie.digest()[:12]})"]
