@@ -27,9 +27,10 @@ def user_prompts(histories: list[list[str]], domain: str) -> list[str]:
 
 
 @torch.no_grad()
-def generate(prompts: list[str], model, tokenizer, max_new_tokens: int = 24, batch_size: int = 32, device: str = "cpu") -> list[str]:
+def generate(prompts: list[str], model, tokenizer, max_new_tokens: int = 24, batch_size: int = 32, device: str = "cpu",
+             bar=None) -> list[str]:
     """Greedy replies to each prompt (chat template, left-padded batches in length order), decoded
-    without special tokens and stripped; in the order of `prompts`."""
+    without special tokens and stripped; in the order of `prompts` (`bar`: a progress bar, updated per prompt)."""
     chats = [[{"role": "system", "content": ""}, {"role": "user", "content": p}] for p in prompts]  # no default system prompt: fewer tokens
     ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in chats]
     ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
@@ -48,6 +49,8 @@ def generate(prompts: list[str], model, tokenizer, max_new_tokens: int = 24, bat
         texts = tokenizer.batch_decode(gen[:, batch.shape[1] :], skip_special_tokens=True)
         for r, text in zip(rows, texts):
             out[r] = " ".join(text.split())
+        if bar is not None:
+            bar.update(len(rows))
     return out
 
 

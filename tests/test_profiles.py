@@ -25,7 +25,7 @@ def test_prompts_name_the_titles():
     assert '"A", "B"' in user_prompts([["A", "B"]], "movies")[0]
 
 
-def test_stage_writes_profiles_and_tables(tiny_model_dir, tmp_path):
+def test_stage_writes_profiles_and_tables(tiny_model_dir, tmp_path, capsys):
     root = tmp_path / "artifacts"
     (root / "data").mkdir(parents=True)
     pl.DataFrame({"item_id": np.arange(1, 6, dtype=np.int32), "title": [f"Movie {i}" for i in range(1, 6)]}).write_parquet(root / "data" / "items.parquet")
@@ -35,6 +35,8 @@ def test_stage_writes_profiles_and_tables(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     stage.run(StageContext("profiles", params, out, root, "cpu"))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("[profiles] generate: 100%") and "7/7" in line for line in bar)  # 5 items + 2 users
     items, users = np.load(out / "items.npy"), np.load(out / "users.npy")
     assert items.shape == (6, 32) and users.shape == (4, 32)
     assert not items[0].any() and not users[0].any() and not users[2].any()  # padding; user 2 has no train sample

@@ -51,7 +51,8 @@ def run(ctx: StageContext) -> None:
     model, tokenizer = load_generator(ctx.input("model"), ctx.device)
     start = time.perf_counter()
     prompts = item_prompts(titles, domain) + user_prompts([[titles[i - 1] for i in h] for h in users["items"].to_list()], domain)
-    texts = generate(prompts, model, tokenizer, cfg["max_new_tokens"], cfg["batch_size"], ctx.device)
+    with ctx.progress(total=len(prompts), desc="generate", unit="profile") as bar:  # minutes on a CPU: show where it is
+        texts = generate(prompts, model, tokenizer, cfg["max_new_tokens"], cfg["batch_size"], ctx.device, bar)
     generated = time.perf_counter() - start
     vectors = embed_texts(texts, model=model, tokenizer=tokenizer, batch_size=cfg["batch_size"], device=ctx.device)
     user_ids = users["user_id"].to_numpy()
