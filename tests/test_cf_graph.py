@@ -126,3 +126,19 @@ def test_graph_models_need_user_ids_and_a_graph():
         model.prepare(Samples(s.history, s.target), {})
     with pytest.raises(TcaError, match="expected"):
         build(tiny(model="alpharec"), N_ITEMS).prepare(s, {"text_emb": np.zeros((2, 3), np.float32)})
+
+
+@pytest.mark.parametrize("spec", ["lightgcn", "alpharec", "rlmrec"])
+def test_fit_keeps_the_best_state_and_the_checkpoint_scores_alike(spec, tmp_path):
+    """train_cf restores the best epoch's state into the prepared model (RLMRec's profile MLPs
+    included); the checkpoint, rebuilt without side inputs, gives the same scores."""
+    from tca.cf.registry import load_checkpoint, save_checkpoint
+    from tca.cf.train import train_cf
+
+    s = samples()
+    model, result = train_cf(tiny(model=spec, loss="bpr", max_epochs=3, patience=1, batch_size=2), N_ITEMS, s, s, inputs=inputs())
+    assert 1 <= result.best_epoch <= result.epochs <= 3
+    save_checkpoint(model, tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(s.history, s.user), model.score(s.history, s.user))

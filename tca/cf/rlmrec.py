@@ -36,9 +36,11 @@ class RLMRec(LightGCN):
         self.item_mlp = mlp(self.item_profile.shape[1], self.cfg.hidden)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The profile MLPs only shape training; a loaded model scores without them."""
-        kept = {k: v for k, v in state_dict.items() if not k.startswith(("user_mlp.", "item_mlp."))}
-        return super().load_state_dict(kept, strict=strict, assign=assign)
+        """The profile MLPs only shape training: a prepared model (training keeps its best state
+        this way) loads them; one rebuilt from a checkpoint, without profiles, scores without them."""
+        if not hasattr(self, "user_mlp"):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("user_mlp.", "item_mlp."))}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
         """cf.loss (bpr in the paper) + align_weight * (user + item InfoNCE against their profiles)."""
