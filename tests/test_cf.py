@@ -322,9 +322,26 @@ def test_stage_rejects_a_bad_items_table(frames, tmp_path):
 def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
     from tca.cf.transformer import Dropout
 
-    drop, x = Dropout(0.3), torch.ones(200_000)
+    drop, x = Dropout(0.3), torch.ones(3, 66_667)  # numel not a multiple of the 4 lanes per draw
     torch.manual_seed(0)
     y = drop(x)
+    assert y.shape == x.shape
     assert abs((y == 0).float().mean().item() - 0.3) < 0.005
-    assert abs(y.mean().item() - 1.0) < 0.01 and torch.allclose(y[y > 0], torch.tensor(1 / 0.7))
+    assert abs(y.mean().item() - 1.0) < 0.01 and torch.allclose(y[y > 0], torch.tensor(1 / 0.7), rtol=1e-4)
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+    columns = torch.stack([(Dropout(0.5)(torch.ones(4000, 4)) == 0).float().mean(0) for _ in range(5)])
+    assert ((columns - 0.5).abs() < 0.03).all()  # each of the four lanes of a draw is fair
+
+
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_user_state_from_the_last_query_equals_the_full_encoding(model):
+    from tca.cf.registry import build
+
+    cfg = CFConfig(model=model, hidden=16, max_len=6, dropout=0.5)
+    torch.manual_seed(0)
+    m = build(cfg, 30).eval()
+    history = torch.tensor([[0, 0, 0, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 9]])
+    seq = history if model == "sasrec" else m.with_slot(history, torch.full_like(history[:, 0], m.mask_id))
+    with torch.no_grad():
+        assert torch.allclose(m.encode_users(history), m.states(seq)[:, -1], atol=1e-6)

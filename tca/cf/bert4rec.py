@@ -22,14 +22,14 @@ class BERT4Rec(CFModel):
         self.encoder = Encoder(cfg.hidden, 4 * cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len + 1, causal=False)
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.LayerNorm(cfg.hidden))
 
-    def states(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.item_emb(seq), seq > 0))
+    def states(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        return self.head(self.encoder(self.item_emb(seq), seq > 0, last_only))
 
     def with_slot(self, history: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return torch.cat([history[:, -self.cfg.max_len :], last[:, None]], dim=1)
 
     def encode_users(self, history: torch.Tensor) -> torch.Tensor:
-        return self.states(self.with_slot(history, torch.full_like(history[:, 0], self.mask_id)))[:, -1]
+        return self.states(self.with_slot(history, torch.full_like(history[:, 0], self.mask_id)), last_only=True)[:, -1]
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight[: self.n_items + 1]

@@ -16,11 +16,11 @@ class SASRec(CFModel):
         init_embedding(self.item_emb)
         self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len, causal=True)
 
-    def states(self, history: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.item_emb(history), history > 0)
+    def states(self, history: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        return self.encoder(self.item_emb(history), history > 0, last_only)
 
     def encode_users(self, history: torch.Tensor) -> torch.Tensor:
-        return self.states(history[:, -self.cfg.max_len :])[:, -1]
+        return self.states(history[:, -self.cfg.max_len :], last_only=True)[:, -1]
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
