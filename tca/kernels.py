@@ -1,6 +1,6 @@
 """Numba kernels (the only ones in tca/): the per-sample walk of the collaborative tokenizer.
 
-Both kernels take numpy arrays and return or fill numpy arrays, `prange` over samples. The trie
+Both kernels take numpy arrays and return or fill numpy arrays, `prange` over (chunks of) samples. The trie
 is passed as its CSR arrays (see tca/trie.py); sample b's gold item sits at row rank[b] of the
 sorted items, so its path is found by descending into the child whose range holds that row.
 CF scores arrive in that sorted order too (column j = item item_order[j]), so every pass over a
@@ -131,6 +131,9 @@ def _keep_top_k(mass, keep, k, gold):
     return kept
 
 
+CHUNK = 16  # samples per prange task: the scratch rows (2 x 8 bytes x items) are allocated once per chunk, not per sample
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
 def fill_entries(
     scores, rank, pos_start, ent_start, inv_tau, uniform, top_k,
@@ -151,69 +154,84 @@ def fill_entries(
     """
     max_children = np.max(np.diff(child_ptr))
     n_items = 0 if uniform else scores.shape[1]
-    for b in prange(len(rank)):
-        mass = np.empty(max_children, dtype=np.float64)
+    for c in prange((len(rank) + CHUNK - 1) // CHUNK):
+        mass = np.empty(max_children, dtype=np.float64)  # scratch per chunk: fresh 160 KB rows per sample cost ~10 us of page faults each
         keep = np.empty(max_children, dtype=np.bool_)
         row = np.empty(n_items, dtype=np.float64)
         bits = np.empty(n_items, dtype=np.int64)
-        if not uniform:
-            top, n_bad = _row_max(scores[b])
-            if n_bad:
-                bad[b] = True
-                continue
-            _exp_shifted(scores[b], row, bits, top, inv_tau)
-        node, p, e, r = 0, pos_start[b], ent_start[b], rank[b]
-        while child_ptr[node + 1] > child_ptr[node]:
-            c0, c1 = child_ptr[node], child_ptr[node + 1]
-            m = c1 - c0
-            gold = _gold_edge(c0, c1, r, child_node, node_hi) - c0
-            total = 0.0
-            if uniform or m == 1:  # (a single child takes all the mass, whatever the scores)
-                mass[:m] = 1.0
-                total = m
-            else:
-                j = node_lo[node]
-                for k in range(m):
-                    end = node_hi[child_node[c0 + k]]
-                    s0, s1 = row[j], 0.0  # two chains: the sweep is bound by the adds' latency
+        for b in range(c * CHUNK, min((c + 1) * CHUNK, len(rank))):
+            _fill_sample(
+                b, scores, rank, pos_start, ent_start, inv_tau, uniform, top_k,
+                child_ptr, child_token, child_node, node_lo, node_hi,
+                pos_end, token, prob, dropped, bad, mass, keep, row, bits,
+            )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FAST)
+def _fill_sample(
+    b, scores, rank, pos_start, ent_start, inv_tau, uniform, top_k,
+    child_ptr, child_token, child_node, node_lo, node_hi,
+    pos_end, token, prob, dropped, bad, mass, keep, row, bits,
+):  # fmt: skip
+    """fill_entries for sample b, with the caller's scratch arrays."""
+    if not uniform:
+        top, n_bad = _row_max(scores[b])
+        if n_bad:
+            bad[b] = True
+            return
+        _exp_shifted(scores[b], row, bits, top, inv_tau)
+    node, p, e, r = 0, pos_start[b], ent_start[b], rank[b]
+    while child_ptr[node + 1] > child_ptr[node]:
+        c0, c1 = child_ptr[node], child_ptr[node + 1]
+        m = c1 - c0
+        gold = _gold_edge(c0, c1, r, child_node, node_hi) - c0
+        total = 0.0
+        if uniform or m == 1:  # (a single child takes all the mass, whatever the scores)
+            mass[:m] = 1.0
+            total = m
+        else:
+            j = node_lo[node]
+            for k in range(m):
+                end = node_hi[child_node[c0 + k]]
+                s0, s1 = row[j], 0.0  # two chains: the sweep is bound by the adds' latency
+                j += 1
+                while j + 1 < end:
+                    s0 += row[j]
+                    s1 += row[j + 1]
+                    j += 2
+                if j < end:
+                    s0 += row[j]
                     j += 1
-                    while j + 1 < end:
-                        s0 += row[j]
-                        s1 += row[j + 1]
-                        j += 2
-                    if j < end:
-                        s0 += row[j]
-                        j += 1
-                    mass[k] = s0 + s1
-                    total += mass[k]
-                if total < TINY:
-                    parent_top = -np.inf
-                    for j in range(node_lo[node], node_hi[node]):
-                        parent_top = max(parent_top, np.float64(scores[b, j]))
-                    total = 0.0
-                    for k in range(m):
-                        child = child_node[c0 + k]
-                        s = 0.0
-                        for j in range(node_lo[child], node_hi[child]):
-                            s += math.exp((np.float64(scores[b, j]) - parent_top) * inv_tau)
-                        mass[k] = s
-                        total += s
-            kept = total
-            if 0 < top_k < m:
-                kept = _keep_top_k(mass[:m], keep[:m], top_k, gold)
-                scale = 1.0 / kept
+                mass[k] = s0 + s1
+                total += mass[k]
+            if total < TINY:
+                parent_top = -np.inf
+                for j in range(node_lo[node], node_hi[node]):
+                    parent_top = max(parent_top, np.float64(scores[b, j]))
+                total = 0.0
                 for k in range(m):
-                    if keep[k]:
-                        token[e] = child_token[c0 + k]
-                        prob[e] = mass[k] * scale
-                        e += 1
-            else:
-                scale = 1.0 / kept
-                for k in range(m):
-                    token[e + k] = child_token[c0 + k]
-                    prob[e + k] = mass[k] * scale
-                e += m
-            dropped[p] = 1.0 - kept / total
-            pos_end[p] = e
-            p += 1
-            node = child_node[c0 + gold]
+                    child = child_node[c0 + k]
+                    s = 0.0
+                    for j in range(node_lo[child], node_hi[child]):
+                        s += math.exp((np.float64(scores[b, j]) - parent_top) * inv_tau)
+                    mass[k] = s
+                    total += s
+        kept = total
+        if 0 < top_k < m:
+            kept = _keep_top_k(mass[:m], keep[:m], top_k, gold)
+            scale = 1.0 / kept
+            for k in range(m):
+                if keep[k]:
+                    token[e] = child_token[c0 + k]
+                    prob[e] = mass[k] * scale
+                    e += 1
+        else:
+            scale = 1.0 / kept
+            for k in range(m):
+                token[e + k] = child_token[c0 + k]
+                prob[e + k] = mass[k] * scale
+            e += m
+        dropped[p] = 1.0 - kept / total
+        pos_end[p] = e
+        p += 1
+        node = child_node[c0 + gold]

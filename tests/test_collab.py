@@ -104,6 +104,20 @@ def test_q_matches_brute_force(titles, seed, scale, tau, top_k):
                 assert q == {y[t]: 1.0}
 
 
+def test_a_batch_spanning_kernel_chunks_equals_its_samples_one_by_one():
+    """fill_entries shares scratch rows across a chunk of samples: nothing of one sample may leak into the next."""
+    from tca.kernels import CHUNK
+
+    trie, seqs = catalog([[3, 4], [3, 5], [3, 5, 6], [4, 4], [4, 5], [5], [6], [3]])
+    golds = np.resize(np.array(list(seqs)), 2 * CHUNK + 5)
+    scores = random_scores(seqs, len(golds), 7, 8.0)
+    for top_k in (0, 2):
+        cfg = CollabConfig(temperature=0.5, top_k=top_k)
+        whole = unpack(token_dist(trie, golds, scores, cfg))
+        for b in range(len(golds)):
+            assert whole[b] == unpack(token_dist(trie, golds[b : b + 1], scores[b : b + 1], cfg))[0]
+
+
 def test_uniform_is_one_over_children_and_ignores_scores():
     trie, seqs = catalog([[3, 4], [3, 5], [3, 5, 6], [4], []])
     golds = np.array(list(seqs))
