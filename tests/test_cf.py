@@ -309,6 +309,14 @@ def test_stage_run_and_inspect(frames, tmp_path):
     assert "ndcg@10" in history_part and f"  Movie {first['history'][0]} ({1950 + first['history'][0]})\n" in history_part
     assert len(top_part.splitlines()) == 10 and all("Movie" in line for line in top_part.splitlines())
 
+    subset = frames["test"].head(3)  # the LLM's test subset, once the subset stage has run: scored by inspect
+    (tmp_path / "artifacts" / "subset").mkdir()
+    subset.write_parquet(tmp_path / "artifacts" / "subset" / "test.parquet")
+    table = cf_stage.inspect(tmp_path / "artifacts" / "cf", params).split("\n\n")[0].splitlines()
+    want = evaluate(load_checkpoint(out / "model.pt"), Samples.from_frame(subset, HIST))
+    assert table[4].split() == ["LLM", "test", "(3)", *(f"{v:.4f}" for v in want.values())]
+    assert table[5].startswith("popularity (LLM)")
+
 
 def test_stage_rejects_a_bad_items_table(frames, tmp_path):
     data = write_data_artifact(tmp_path / "artifacts", frames)

@@ -82,20 +82,27 @@ def run(ctx: StageContext) -> None:
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:
-    """Metrics table, then one test sample: its history titles and the model's top-10 titles."""
+    """Metrics table (plus the LLM's test subset, scored here, when the subset stage has run), then
+    one test sample: its history titles and the model's top-10 titles."""
     import torch
 
     from tca.cf.registry import load_checkpoint
-    from tca.cf.train import Samples
+    from tca.cf.train import Samples, evaluate, evaluate_popularity
 
     metrics = json.loads((artifact_dir / "metrics.json").read_text())
     rows = {"test": metrics["test"], "valid": metrics["valid"], "popularity (test)": metrics["popularity"]["test"]}
+    model = load_checkpoint(artifact_dir / "model.pt")
+    data = artifact_dir.parent / "data"
+    subset = artifact_dir.parent / "subset" / "test.parquet"
+    if subset.exists():  # (not in metrics.json: cf does not depend on subset, so resizing the subset never retrains it)
+        samples = Samples.from_frame(pl.read_parquet(subset, columns=["history", "item_id", "user_id", "timestamp"]), model.cfg.max_len)
+        _, splits = read_splits(data, model.cfg.max_len, model.cfg.train_fraction, model.cfg.seed)
+        rows[f"LLM test ({len(samples)})"] = evaluate(model, samples)
+        rows["popularity (LLM)"] = evaluate_popularity(splits["train"], samples, model.n_items)
     keys = list(metrics["test"])
     lines = [f"{'':<18}" + "".join(f"{k:>9}" for k in keys)]
     lines += [f"{name:<18}" + "".join(f"{m[k]:>9.4f}" for k in keys) for name, m in rows.items()]
 
-    model = load_checkpoint(artifact_dir / "model.pt")
-    data = artifact_dir.parent / "data"
     titles = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()
     sample = pl.read_parquet(data / "test.parquet").row(0, named=True)
     row = pl.DataFrame({"history": [sample["history"]], "item_id": [sample["item_id"]], "user_id": [sample["user_id"]]})
