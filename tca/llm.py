@@ -119,6 +119,7 @@ class Inputs:
     target_len: np.ndarray  # int64 [B]
     slot: torch.Tensor | None = None  # int64 [B, T], hybrid prompts: item id at an item slot, -1 at the user slot, else 0
     slot_vectors: torch.Tensor | None = None  # float [S, d]: the CF vector of each slot, row-major (HybridPrompt.fill)
+    window_mask: torch.Tensor | None = None  # bool [B, 1, T, T], packed rows (tca.packing): query t may attend key s
 
     @property
     def n_tokens(self) -> int:
@@ -128,7 +129,7 @@ class Inputs:
     def to(self, device) -> "Inputs":
         move = lambda t: None if t is None else t.to(device)
         return Inputs(self.input_ids.to(device), self.attention_mask.to(device), self.target_pos.to(device),
-                      self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors))
+                      self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors), move(self.window_mask))
 
 
 def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, items: np.ndarray, max_len: int,
@@ -163,6 +164,9 @@ def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     """Final hidden states [N, d] at the positions that predict the target ids (the decoder runs on
     the whole sequence; only these rows ever meet the LM head). Hybrid prompts enter as embeddings,
     positions counted over the attended tokens (a masked-out slot takes none)."""
+    if inputs.window_mask is not None:
+        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=model_mask(model, inputs.window_mask), use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
     if inputs.slot is None:
         tokens = {"input_ids": inputs.input_ids}
     else:
@@ -170,6 +174,15 @@ def target_hidden(model, inputs: Inputs) -> torch.Tensor:
                   "position_ids": (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)}
     out = model.get_decoder()(**tokens, attention_mask=inputs.attention_mask, use_cache=False)
     return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
+
+
+def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean [B, 1, T, T] mask in the form the model's attention takes: SDPA and flex read booleans,
+    the eager kernel adds the mask to its scores (0 where seen, the dtype's minimum elsewhere)."""
+    if model.config._attn_implementation != "eager":
+        return mask
+    dtype = torch.get_autocast_dtype(mask.device.type) if torch.is_autocast_enabled(mask.device.type) else model.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def head_logits(model, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:

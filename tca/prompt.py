@@ -48,19 +48,36 @@ class Prompts:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, titles: list[str], cfg: PromptConfig = PromptConfig(), slots: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, titles: list[str], cfg: PromptConfig = PromptConfig(), slots: tuple[str, ...] = (),
+                 targets: list | None = None):
         """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
         "item" puts a CF slot after each history title, "user" one after the history (its ids are
-        the pad token's; `tca.hybrid_prompt` replaces their input embeddings)."""
+        the pad token's; `tca.hybrid_prompt` replaces their input embeddings).
+
+        `targets` (the items format of packed training, `tca.packing`): `targets[i]` is item i's
+        target ids (title + EOS, as the trie has them); every history item is then written as its target
+        ids, one per line, and the prompt ends with the line break a generated item follows, so a
+        prompt reads exactly like the start of a packed row."""
         try:
             head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "
         except (KeyError, IndexError) as err:
             raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
-        tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"
-        texts = [f'"{t}"' for t in titles] + [head, ", ", tail, USER_SLOT_TEXT]
+        self.items_format = targets is not None
+        if self.items_format:
+            if slots:
+                raise TcaError("the items format (train.packing: items) has no CF slots; use train.packing: none for llara / collm")
+            if len(targets) != len(titles):
+                raise ValueError(f"{len(targets)} target id lists for {len(titles)} titles")
+            head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history, one per line:\n"
+            texts = [head, "\n", "\n", USER_SLOT_TEXT]
+        else:
+            tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"
+            texts = [f'"{t}"' for t in titles] + [head, ", ", tail, USER_SLOT_TEXT]
         pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self.items_format:
+            pieces = [[int(t) for t in ids] for ids in targets] + pieces
         user_lead = pieces.pop()
         self.n_items = len(titles)
         self.HEAD, self.SEP, self.TAIL = self.n_items, self.n_items + 1, self.n_items + 2

@@ -12,6 +12,10 @@ RNG, validation history), `adapter/` (the best adapter so far, peft `save_pretra
 `log.jsonl`. Calling `train` again on the same work dir resumes from the last checkpoint and
 continues exactly as the uninterrupted run would have (same data order, same dropout draws).
 
+Packed training (`packing: items`, `tca.packing`): the units of the epoch's order, of a micro-batch
+and of a step are packed rows of a user's consecutive samples instead of samples; everything else
+(loss normalization by target tokens, schedule, validation, resume, DDP) is the same.
+
 Data parallel (`world`, see `tca.ddp`): an optimizer step takes `micro_batch x grad_accum x world.size`
 samples of the epoch's order; its k-th micro-batch of `micro_batch x world.size` samples is cut into
 one contiguous piece per rank, and the summed gradients are all-reduced before the step, so N ranks
@@ -41,10 +45,13 @@ from tca.evaluate import EvalConfig, recommend, score_lists
 from tca.hybrid_prompt import SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
+from tca.packing import PACKINGS, Windows, encode_windows, pack_samples, select_rows
 from tca.prompt import PromptBuilder
+from tca.ragged import ragged_index
 from tca.sid import SID_BACKBONES
 from tca.trie import Trie
 
+FINETUNES = ("lora", "full")
 BACKBONES = ("tallrec", "msl", *SLOTS, *SID_BACKBONES)  # llara, collm: CF embeddings in the prompt (tca.hybrid_prompt); tiger, letter: tca.sid
 
 
@@ -75,6 +82,9 @@ class TrainConfig:
     seed: int = 42
     curriculum_start: float = 0.0  # llara: share of the steps after which hybrid prompts start replacing text-only ones
     curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
+    packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.packing)
+    pack_targets: int = 30  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
+    finetune: str = "lora"  # lora (the lora section's adapter) | full (every weight of the LLM; for small models)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -92,6 +102,14 @@ class TrainConfig:
         name, _, k = self.valid_metric.partition("@")
         if name not in ("hr", "ndcg") or not k.isdigit() or not 1 <= int(k) <= self.valid_beams:
             raise TcaError(f"train.valid_metric: {self.valid_metric!r} must be hr@k or ndcg@k with k <= train.valid_beams")
+        if self.packing not in PACKINGS:
+            raise TcaError(f"train.packing: {self.packing!r} is not one of {', '.join(PACKINGS)}")
+        if self.packing == "items" and self.backbone in SLOTS:
+            raise TcaError(f"train.packing: items does not carry the CF slots of {self.backbone}; use train.packing: none")
+        if self.pack_targets < 1:
+            raise TcaError(f"train.pack_targets: {self.pack_targets} must be >= 1")
+        if self.finetune not in FINETUNES:
+            raise TcaError(f"train.finetune: {self.finetune!r} is not one of {', '.join(FINETUNES)}")
         if self.precision not in PRECISIONS:
             raise TcaError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         self.loss_config  # validates loss, alpha, msl_tau
@@ -127,6 +145,14 @@ class Batcher:
             inputs = self.hybrid.fill(inputs, rows["history"], progress)
         soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
         return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
+
+    def packed(self, samples: pl.DataFrame, windows: Windows) -> tuple[Inputs, Labels]:
+        """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
+        rows = encode_windows(self.builder, windows, self.pad_id)
+        padding = torch.from_numpy((np.arange(rows.input_ids.shape[1]) < rows.lengths[:, None]).astype(np.int64))
+        inputs = Inputs(rows.input_ids, padding, rows.target_pos, rows.target, rows.target_len, window_mask=rows.mask)
+        soft = self.dist.read(samples["sample_id"].to_numpy()[rows.sample]) if self.cfg.uses_q else None
+        return inputs, make_labels(rows.target.numpy(), rows.target_len, soft, self.trie, self.cfg)
 
 
 def batch_loss(model, inputs: Inputs, labels: Labels, cfg: LossConfig) -> torch.Tensor:
@@ -165,13 +191,22 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TcaError("the model has no trainable parameters; load it with a LoRA config")
-        self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # samples per optimizer step, all ranks
-        self.steps_per_epoch = math.ceil(samples.height / self.step_size)
+        target_len = batcher.targets.get(samples["item_id"].to_numpy())[1]
+        self.windows = pack_samples(samples, cfg.pack_targets) if cfg.packing == "items" else None
+        if self.windows is None:  # a unit of the epoch's order is a sample, or (packed) a row of samples
+            self.target_len = target_len
+        else:
+            row, _ = ragged_index(self.windows.n_items)
+            supervised = self.windows.sample >= 0
+            self.target_len = np.bincount(row[supervised], weights=target_len[self.windows.sample[supervised]],
+                                          minlength=len(self.windows.n_items)).astype(np.int64)
+        self.n_units = len(self.target_len)
+        self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # units per optimizer step, all ranks
+        self.steps_per_epoch = math.ceil(self.n_units / self.step_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
-        self.target_len = batcher.targets.get(samples["item_id"].to_numpy())[1]
         self.state = {"step": 0, "valid": [], "best": None, "best_epoch": None, "bad": 0, "stopped": False, "log_bytes": 0}
         ddp.sync_parameters(self.params, world)  # the same starting weights everywhere
 
@@ -246,20 +281,25 @@ class Trainer:
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.samples.height)
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_units)
 
     def my_rows(self, rows: np.ndarray) -> np.ndarray:
         """This rank's rows of a step: its piece of `micro_batch` rows of every group of `micro_batch x world.size`."""
         piece = np.arange(len(rows)) // self.cfg.micro_batch % self.world.size
         return rows[piece == self.world.rank]
 
+    def micro_batch(self, units: np.ndarray) -> tuple[Inputs, Labels]:
+        if self.windows is None:
+            return self.batcher(self.samples[units], self.state["step"] / self.total_steps)
+        return self.batcher.packed(self.samples, select_rows(self.windows, units))
+
     def train_step(self, rows: np.ndarray) -> tuple[float, int, int]:
-        """One optimizer step on these sample rows (of all ranks): (summed loss, target tokens, tokens read)."""
+        """One optimizer step on these units (of all ranks): (summed loss, target tokens, tokens read)."""
         n_target = int(self.target_len[rows].sum())
         mine = self.my_rows(rows)
         loss_sum, n_tokens = 0.0, 0
         for start in range(0, len(mine), self.cfg.micro_batch):
-            inputs, labels = self.batcher(self.samples[mine[start : start + self.cfg.micro_batch]], self.state["step"] / self.total_steps)
+            inputs, labels = self.micro_batch(mine[start : start + self.cfg.micro_batch])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg)
             (loss / n_target).backward()
@@ -303,8 +343,9 @@ class Trainer:
         self.model.train()
         start = self.state["step"]
         window = {"loss": 0.0, "target": 0, "tokens": 0, "time": time.perf_counter()}
-        self.log(f"{self.samples.height:,} samples, {self.cfg.epochs} epoch(s) of {self.steps_per_epoch} steps of "
-                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum}{f' x {self.world.size} ranks' if self.world.size > 1 else ''} samples; "
+        packed = "" if self.windows is None else f" packed in {self.n_units:,} rows of <= {self.cfg.pack_targets} targets"
+        self.log(f"{self.samples.height:,} samples{packed}, {self.cfg.epochs} epoch(s) of {self.steps_per_epoch} steps of "
+                 f"{self.cfg.micro_batch} x {self.cfg.grad_accum}{f' x {self.world.size} ranks' if self.world.size > 1 else ''} {'rows' if packed else 'samples'}; "
                  f"loss {self.loss_cfg}")
         bar = self.progress(total=self.total_steps - start, unit="step",
                             desc="train" + (f" (resumed at step {start})" if start else "")) if self.progress else None

@@ -1,0 +1,223 @@
+"""Packed item-window training (`tca.packing`): rows supervise exactly the selected samples, the mask
+is the item window, a one-target row equals the per-sample prompt, and the trainer trains packed."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from tca.collab import CollabConfig, token_dist
+from tca.collab_store import DistReader, DistWriter
+from tca.llm import ItemTargets, LoraSettings, encode, load_model, target_hidden
+from tca.losses import LossConfig, make_labels, position_losses
+from tca.packing import encode_windows, pack_samples
+from tca.prompt import PromptBuilder
+from tca.train import Batcher, TrainConfig, Trainer
+from tca.trie import build_trie, target_ids
+
+TITLES = ["", "Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995)", "Amélie (2001)", "Alien (1979)",
+          "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
+N_ITEMS = len(TITLES) - 1
+L = 3  # history_len of these samples
+
+
+def user_samples(n_users: int, seed: int, history_len: int = L, min_history: int = L) -> pl.DataFrame:
+    """Every sample of random users' sequences (as the data stage makes them: history = the previous
+    `history_len` items, at least `min_history` of them)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(n_users):
+        seq = rng.integers(1, N_ITEMS + 1, rng.integers(min_history + 1, min_history + 12)).tolist()
+        for j in range(min_history, len(seq)):
+            rows.append({"user_id": user, "timestamp": 1000 * user + j, "history": seq[max(0, j - history_len):j], "item_id": seq[j]})
+    frame = pl.DataFrame(rows, schema_overrides={"history": pl.List(pl.Int32), "item_id": pl.Int32})
+    return frame.with_columns(sample_id=pl.Series(rng.permutation(frame.height)).cast(pl.Int64))
+
+
+def supervised_pairs(windows) -> list[tuple]:
+    """(history, target) of every supervised item, read back off the rows: the `window` items before it."""
+    pairs = []
+    starts = np.cumsum(windows.n_items) - windows.n_items
+    for r, (s, n) in enumerate(zip(starts, windows.n_items)):
+        items, sample, window = windows.item[s:s + n], windows.sample[s:s + n], windows.window[s:s + n]
+        for j in np.flatnonzero(sample >= 0):
+            pairs.append((tuple(items[j - window[j]:j]), int(items[j]), int(sample[j])))
+    return pairs
+
+
+@pytest.mark.parametrize("max_targets", [1, 4, 100])
+@pytest.mark.parametrize("keep", [1.0, 0.6])
+@pytest.mark.parametrize("history", [(L, L), (4, 2)])
+def test_rows_supervise_exactly_the_selected_samples(max_targets, keep, history):
+    """Whole splits, random subsets (chains break at every gap) and histories shorter than history_len."""
+    samples = user_samples(9, seed=3, history_len=history[0], min_history=history[1])
+    chosen = samples.sample(fraction=keep, seed=5, shuffle=True)
+    windows = pack_samples(chosen, max_targets)
+    got = sorted((h, t, int(chosen["sample_id"][s])) for h, t, s in supervised_pairs(windows))
+    want = sorted((tuple(h), t, s) for h, t, s in chosen.select("history", "item_id", "sample_id").iter_rows())
+    assert got == want
+    assert windows.n_targets.max() <= max_targets
+    if keep == 1.0 and max_targets == 100:  # a whole user's samples are one row
+        assert len(windows.n_items) == samples["user_id"].n_unique()
+
+
+def test_no_sample_outside_the_subset_is_supervised():
+    train, later = user_samples(6, seed=1), user_samples(6, seed=2).with_columns(pl.col("sample_id") + 10_000)
+    windows = pack_samples(train, 5)
+    supervised = set(train["sample_id"].to_numpy()[windows.sample[windows.sample >= 0]].tolist())
+    assert supervised == set(train["sample_id"].to_list()) and not supervised & set(later["sample_id"].to_list())
+
+
+@pytest.fixture(scope="module")
+def world(tokenizer):
+    targets = target_ids(tokenizer, pl.Series(TITLES[1:]))
+    item_targets = ItemTargets(np.arange(1, N_ITEMS + 1), targets)
+    pieces = [[]] + [item_targets.get(np.array([i]))[0].tolist() for i in range(1, N_ITEMS + 1)]
+    return {"builder": PromptBuilder(tokenizer, TITLES, targets=pieces), "targets": item_targets,
+            "trie": build_trie(np.arange(1, N_ITEMS + 1), targets), "pad": tokenizer.pad_token_id}
+
+
+def brute_force_mask(rows, builder, windows) -> np.ndarray:
+    """Token by token: which block each token is in, which item it predicts, what it may see."""
+    out = np.zeros(rows.mask.shape, dtype=bool)
+    starts = np.cumsum(windows.n_items) - windows.n_items
+    head = builder.piece_len[builder.HEAD]
+    for r in range(len(windows.n_items)):
+        items = windows.item[starts[r]:starts[r] + windows.n_items[r]]
+        win = windows.window[starts[r]:starts[r] + windows.n_items[r]]
+        block, pos = [-1] * head, head
+        for j, item in enumerate(items):
+            block += [j] * (builder.piece_len[item] + builder.piece_len[builder.SEP])
+        n = len(block)
+        for q in range(n):
+            pred = block[min(q + 1, n - 1)]
+            for k in range(q + 1):
+                out[r, 0, q, k] = block[k] == -1 or (pred >= 0 and block[k] >= pred - win[pred])
+        for q in range(n, rows.mask.shape[2]):
+            out[r, 0, q, q] = True
+    return out
+
+
+def test_mask_is_the_item_window(world):
+    samples = user_samples(3, seed=4)
+    windows = pack_samples(samples, 4)
+    rows = encode_windows(world["builder"], windows, world["pad"])
+    np.testing.assert_array_equal(rows.mask.numpy(), brute_force_mask(rows, world["builder"], windows))
+    # every target id is the token its target position predicts
+    flat = rows.input_ids.flatten()
+    np.testing.assert_array_equal(flat[rows.target_pos + 1].numpy(), rows.target.numpy())
+
+
+def packed_losses(model, world, samples, windows, cfg):
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])
+    inputs, labels = batcher.packed(samples, windows)
+    return position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+
+
+def test_one_target_row_equals_the_per_sample_prompt(world, tiny_llama, tmp_path):
+    """Same per-position losses and the same LoRA gradients as the items-format prompt of the sample."""
+    tiny_llama(seed=1).save_pretrained(tmp_path / "m")
+    samples = user_samples(4, seed=6)
+    windows = pack_samples(samples, 1)  # one target per row: each row is exactly one sample's prompt + target
+    cfg = LossConfig("ntp")
+    grads = []
+    for path in ("packed", "per_sample"):
+        torch.manual_seed(0)
+        model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():  # LoRA B starts at 0: make the adapter matter
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if path == "packed":
+            losses = packed_losses(model, world, samples, windows, cfg)
+            order = windows.sample[windows.sample >= 0]
+        else:
+            rows = samples[order]
+            inputs = encode(world["builder"], world["targets"], rows["history"], rows["item_id"].to_numpy(), 512, world["pad"])
+            labels = make_labels(inputs.target.numpy(), inputs.target_len, None, world["trie"], cfg)
+            losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+        losses.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if path == "packed":
+            reference = losses.detach()
+        else:
+            torch.testing.assert_close(losses.detach(), reference, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_outside_a_window_do_not_reach_its_target(world, tiny_llama, tmp_path):
+    """One layer: attention is the only path between tokens, so a target's logits are a function of
+    its window alone (deeper layers carry older items through history states, see tca.packing)."""
+    tiny_llama(seed=2, num_hidden_layers=1).save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    samples = user_samples(1, seed=7).sort("timestamp")[:8]
+    windows = pack_samples(samples, 100)
+    cfg = LossConfig("ntp")
+    with torch.no_grad():
+        base = packed_losses(model, world, samples, windows, cfg)
+        n_items = int(windows.n_items[0])
+        targets = np.flatnonzero(windows.sample >= 0)
+
+        def per_target(losses, w):  # the loss vector cut into one piece per target
+            return np.split(losses, np.cumsum(world["targets"].get(w.item[targets])[1])[:-1])
+
+        before = per_target(base, windows)
+        for changed in range(n_items):
+            other = replace(windows, item=windows.item.copy())
+            other.item[changed] = other.item[changed] % N_ITEMS + 1  # another item (another title) at that place
+            after = per_target(packed_losses(model, world, samples, other, cfg), other)
+            for k, j in enumerate(targets):
+                if changed < j - windows.window[j]:  # outside: equal up to rounding (a title of another length moves positions)
+                    torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=1e-5)
+                elif changed < j:  # inside its window: the change is seen
+                    assert (after[k] - before[k]).abs().max() > 1e-3
+
+
+def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
+    """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is exact."""
+    tiny_llama(seed=0, initializer_range=0.3).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    samples = user_samples(5, seed=8)
+    scores = torch.randn(samples.height, N_ITEMS + 1, generator=torch.Generator().manual_seed(0))
+    writer = DistWriter(tmp_path / "dist.zarr", {"trie_hash": world["trie"].digest()})
+    writer.append(samples["sample_id"].to_numpy(), token_dist(world["trie"], samples["item_id"].to_numpy(), scores, CollabConfig()))
+    writer.close()
+    cfg = TrainConfig(epochs=4, micro_batch=2, grad_accum=1, lr=5e-3, eval_every=0, log_every=1, precision="fp32",
+                      packing="items", pack_targets=4, loss="tca", alpha=0.3, checkpoint_every=3)
+
+    def make(work):
+        torch.manual_seed(cfg.seed)
+        model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        batcher = Batcher(world["builder"], world["targets"], world["trie"], DistReader(tmp_path / "dist.zarr", world["trie"]),
+                          cfg.loss_config, cfg.max_len, world["pad"])
+        return Trainer(model, batcher, samples, None, cfg, work, log=lambda m: None)
+
+    t = make(tmp_path / "a")
+    assert t.n_units == len(pack_samples(samples, 4).n_items) < samples.height
+    t.run()
+    log = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in log]
+    assert len(losses) == t.total_steps and np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # resume: a run stopped after its checkpoint at step 3 continues to the same weights
+    interrupted = make(tmp_path / "b")
+    original, taken = interrupted.train_step, []
+
+    def stop_after_three(rows):
+        if len(taken) == 3:
+            raise KeyboardInterrupt
+        taken.append(rows)
+        return original(rows)
+
+    interrupted.train_step = stop_after_three
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    t3 = make(tmp_path / "b")
+    t3.run()
+    for (n, p), (_, q) in zip(t.model.named_parameters(), t3.model.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
