@@ -58,7 +58,7 @@ def recommend(project: Project, titles: list[str], user: int | None, top_k: int)
     items = pl.read_parquet(data / "items.parquet", columns=["item_id", "title"])
     history = history_of_titles(items, titles) if titles else history_of_user(data, user, project.params["data"]["history_len"])
     device = project.device if project.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, _ = eval_config(project.params)
+    cfg, _ = eval_config(project.params, data)
     cfg = replace(cfg, num_beams=max(cfg.num_beams, top_k))
     histories = pl.Series([history], dtype=pl.List(pl.Int64))
     adapter = project.artifacts / "train" / "adapter"

@@ -29,6 +29,7 @@ class CollabConfig:
     temperature: float = 1.0  # tau of the CF softmax; -> 0 puts all mass on the CF argmax path
     top_k: int = 0  # keep the k largest entries per position (and the gold token); 0 keeps all
     cf_source: str = "model"  # model | uniform (uniform over children: the paper's "w/o CT")
+    exclude_history: bool = False  # drop the sample's history items (but its gold) from C_t before normalizing
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -111,6 +112,24 @@ def trie_scorer(model: CFModel, trie: Trie, device: str = "cpu") -> Callable[[to
     return score
 
 
+EXCLUDED = 1000.0  # temperatures below a row's lowest score: exp underflows to exactly 0 in float64
+
+
+def without_history(scores: torch.Tensor, history: pl.Series, items: np.ndarray, trie: Trie, temperature: float) -> torch.Tensor:
+    """Scores [B, N] in trie order with each sample's history items (other than its gold item) pushed
+    `EXCLUDED` temperatures below the row's lowest score: they get no mass in any p_t, so the teacher
+    does not teach recommending what the user already has."""
+    lengths = history.list.len().to_numpy().astype(np.int64)
+    hist = history.explode().drop_nulls().to_numpy().astype(np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    drop = hist != np.repeat(np.asarray(items, dtype=np.int64), lengths)
+    out = scores.clone()
+    floor = out.masked_fill(~out.isfinite(), float("inf")).min(dim=1).values - EXCLUDED * temperature
+    at_row = torch.from_numpy(row[drop]).to(out.device)
+    out[at_row, torch.from_numpy(trie.item_rank[hist[drop]].astype(np.int64)).to(out.device)] = floor[at_row]
+    return out
+
+
 def stream_token_dist(
     trie: Trie, batches: Iterable[pl.DataFrame], model: CFModel | None, cfg: CollabConfig, device: str = "cpu"
 ) -> Iterator[tuple[np.ndarray, TokenDist]]:
@@ -119,4 +138,6 @@ def stream_token_dist(
     for df in batches:
         users = torch.from_numpy(df["user_id"].to_numpy().astype("int64")).to(device) if "user_id" in df.columns else None
         scores = None if score is None else score(pad_histories(df["history"], model.cfg.max_len).to(device), users)
+        if scores is not None and cfg.exclude_history:
+            scores = without_history(scores, df["history"], df["item_id"].to_numpy(), trie, cfg.temperature)
         yield df["sample_id"].to_numpy(), token_dist(trie, df["item_id"].to_numpy(), scores, cfg, trie_order=True)

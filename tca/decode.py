@@ -32,6 +32,8 @@ class DeviceTrie:
         self.child_ptr = torch.as_tensor(trie.child_ptr, dtype=torch.long, device=device)
         self.child_token = torch.as_tensor(trie.child_token, dtype=torch.long, device=device)
         self.child_node = torch.as_tensor(trie.child_node, dtype=torch.long, device=device)
+        self.node_lo = torch.as_tensor(trie.node_lo, dtype=torch.long, device=device)
+        self.node_hi = torch.as_tensor(trie.node_hi, dtype=torch.long, device=device)
         self.max_depth = int(trie.depths().max())
 
     def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +43,13 @@ class DeviceTrie:
         width = torch.arange(int(count.max()), device=nodes.device)
         valid = width < count[:, None]
         return torch.where(valid, start[:, None] + width, 0), valid
+
+    def has_open_items(self, nodes: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+        """nodes [R, C], excluded [R, H] (distinct sorted-item rows of each row's excluded items, -1 padded)
+        -> [R, C]: whether some item under the node is not excluded."""
+        lo, hi = self.node_lo[nodes], self.node_hi[nodes]
+        inside = (excluded[:, None, :] >= lo[..., None]) & (excluded[:, None, :] < hi[..., None])
+        return inside.sum(-1) < hi - lo
 
     def is_leaf(self, nodes: torch.Tensor) -> torch.Tensor:
         return self.child_ptr[nodes + 1] == self.child_ptr[nodes]
@@ -55,11 +64,14 @@ def _forward(model, position: torch.Tensor, kv: BeamKV, **tokens) -> torch.Tenso
 
 @torch.inference_mode()
 def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, length_penalty: float = 1.0,
-                renormalize: bool = False, slot_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool = False, slot_vectors: torch.Tensor | None = None,
+                excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `num_beams` best complete titles per prompt: their trie leaves [B, K] (-1 where fewer titles
     finished) and ranked scores [B, K] (-inf there). A title's score is the sum of its tokens' log-probs
     (full softmax, or softmax over the trie children with `renormalize`) / its length ** length_penalty.
     Hybrid prompts (with `prompts.slot`) need the CF vectors of their slots (`HybridPrompt.vectors`).
+    `excluded` [B, H] (`excluded_rows`): items no title may lead to (a sample's history): a token is
+    allowed only if some item under its node is not excluded.
     """
     device, K, lp = trie.child_ptr.device, num_beams, length_penalty
     lengths = torch.as_tensor(prompts.lengths, device=device)
@@ -80,15 +92,17 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
         return _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=tokens[:, None])
 
     with switched_to(model, ids.shape[1] + trie.max_depth):
-        return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance)
+        return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance,
+                      None if excluded is None else excluded.to(device))
 
 
 def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormalize: bool,
-           advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+           advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor],
+           excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The search proper, from each sample's first next-token logits [B, V] (row b: sample b), for
     any model: `advance(src, sample, slot, t, tokens)` makes row i of the new batch continue row
     src[i] of the previous one (as beam `slot[i]` of `sample[i]`) with `tokens[i]` at step t and
-    returns the new rows' next-token logits."""
+    returns the new rows' next-token logits. `excluded`: see `beam_search`."""
     device, B = logits.device, len(logits)
     # live rows of the model's batch: their sample, beam slot, trie node and summed log-prob
     sample, slot = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
@@ -99,6 +113,8 @@ def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormaliz
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(trie.max_depth):
         edge, valid = trie.children(node)
+        if excluded is not None:
+            valid &= trie.has_open_items(trie.child_node[edge], excluded[sample])
         C = edge.shape[1]
         z = logits.gather(1, trie.child_token[edge])
         if renormalize:
@@ -137,18 +153,36 @@ def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormaliz
     return torch.where(fin_score > NEG_INF, fin_node, -1), fin_score
 
 
-def ranked_items(trie: Trie, leaves: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def excluded_rows(trie: Trie, history: np.ndarray, hist_len: np.ndarray) -> torch.Tensor:
+    """Ragged item ids per sample -> [B, H]: their distinct rows in the trie's sorted item order, -1 padded."""
+    history = np.asarray(history, dtype=np.int64)
+    sample = np.repeat(np.arange(len(hist_len)), hist_len)
+    rows = np.unique(sample * len(trie.item_order) + trie.item_rank[history])  # sorted, distinct per sample
+    sample, rows = np.divmod(rows, len(trie.item_order))
+    return torch.from_numpy(pad(rows, np.bincount(sample, minlength=len(hist_len)).astype(np.int64), fill=-1))
+
+
+def ranked_items(trie: Trie, leaves: np.ndarray, scores: np.ndarray, k: int,
+                 excluded: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ranked leaves [B, K] -> the first k items [B, k] (0 = none) and their scores (-inf there).
 
     A leaf stands for every item with that exact target (the data stage merges equal titles, so
-    normally one); its items share its score and follow each other in item-id order.
+    normally one); its items share its score and follow each other in item-id order. `excluded`
+    (ragged item ids, count per sample) leaves those items out of each sample's list.
     """
     leaves, scores = np.asarray(leaves), np.asarray(scores)
     ok = leaves >= 0
     lo, hi = trie.node_lo[leaves[ok]], trie.node_hi[leaves[ok]]
     count = (hi - lo).astype(np.int64)
-    items = trie.item_order[concat_ranges(lo, count)]
-    per_sample = np.bincount(np.nonzero(ok)[0], weights=count, minlength=len(leaves)).astype(np.int64)
+    items = trie.item_order[concat_ranges(lo, count)].astype(np.int64)
+    owner = np.repeat(np.nonzero(ok)[0], count)
+    item_scores = np.repeat(scores[ok], count)
+    if excluded is not None:
+        history, hist_len = (np.asarray(a, dtype=np.int64) for a in excluded)
+        span = int(max(items.max(initial=0), history.max(initial=0))) + 1
+        keep = ~np.isin(owner * span + items, np.repeat(np.arange(len(hist_len)), hist_len) * span + history)
+        items, owner, item_scores = items[keep], owner[keep], item_scores[keep]
+    per_sample = np.bincount(owner, minlength=len(leaves)).astype(np.int64)
     width = max(k, int(per_sample.max(initial=0)))
     return (pad(items, per_sample, fill=0, width=width)[:, :k],
-            pad(np.repeat(scores[ok], count), per_sample, fill=NEG_INF, width=width)[:, :k])
+            pad(item_scores, per_sample, fill=NEG_INF, width=width)[:, :k])

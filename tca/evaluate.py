@@ -13,11 +13,11 @@ import pyarrow as pa
 import torch
 
 from tca.cf.base import CFModel, pad_histories, score_samples
-from tca.decode import DeviceTrie, beam_search, ranked_items
+from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
 from tca.hybrid_prompt import HybridPrompt
-from tca.metrics import KS, list_ranks, ranking_metrics, target_ranks
+from tca.metrics import KS, bootstrap_interval, list_ranks, per_sample_metrics, ranking_metrics, target_ranks
 from tca.prompt import PromptBuilder
 from tca.ragged import pad
 from tca.trie import Trie
@@ -33,11 +33,14 @@ class EvalConfig:
     length_penalty: float = 1.0  # HF's: a title's score is its summed log-prob / length ** length_penalty
     renormalize: bool = False  # log-probs of a softmax over the trie children only (the right choice for MSL)
     batch_size: int = 16  # samples per beam search (each holds up to num_beams rows of the model's batch)
+    exclude_history: bool = False  # no sample is recommended an item of its history (the LLM's lists and the CF / popularity ranks)
 
     @classmethod
     def from_params(cls, params: dict) -> "EvalConfig":
         check_keys(cls, params, "eval", also=("split",))
         cfg = cls(**params)
+        if not isinstance(cfg.exclude_history, bool):
+            raise TcaError(f"eval.exclude_history: {cfg.exclude_history!r} must be true or false here (auto is resolved by the stage)")
         for key in ("num_beams", "batch_size"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"eval.{key}: {getattr(cfg, key)} must be >= 1")
@@ -66,10 +69,13 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             batch = histories.gather(rows)
-            prompts = builder.build(batch.explode().drop_nulls().to_numpy(), lengths[rows])
+            hist = batch.explode().drop_nulls().to_numpy()
+            prompts = builder.build(hist, lengths[rows])
             vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), batch)
-            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors)
-            items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams)
+            excluded = excluded_rows(trie, hist, lengths[rows]) if cfg.exclude_history else None
+            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors, excluded)
+            items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams,
+                                                     (hist, lengths[rows]) if cfg.exclude_history else None)
             if bar is not None:
                 bar.update(len(rows))
     finally:
@@ -77,59 +83,93 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
     return items, scores
 
 
+def without_history(scores: torch.Tensor, histories: pl.Series) -> torch.Tensor:
+    """Full-ranking scores [B, N+1] with each sample's history items at -inf (ranked after every other item)."""
+    lengths = torch.from_numpy(histories.list.len().to_numpy().astype(np.int64))
+    hist = torch.from_numpy(histories.explode().drop_nulls().to_numpy().astype(np.int64))
+    row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    out = scores.expand(len(lengths), -1).clone()
+    out[row.to(out.device), hist.to(out.device)] = float("-inf")
+    return out
+
+
 @torch.no_grad()
 def cf_ranking(cf: CFModel, histories: pl.Series, target: torch.Tensor,
-               users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               users: torch.Tensor | None = None, exclude_history: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The CF model's full-ranking 0-based rank of each target and its top-1 item, in batches
-    (`users`: the samples' user ids, for models that learn a vector per user)."""
+    (`users`: the samples' user ids, for models that learn a vector per user; `exclude_history`:
+    history items are ranked last, as the LLM's search never returns them)."""
     device = next(cf.parameters()).device
     ranks, top1 = [], []
     for start in range(0, len(histories), CF_BATCH):
         batch_users = None if users is None else users[start : start + CF_BATCH].to(device)
-        scores = score_samples(cf, pad_histories(histories.slice(start, CF_BATCH), cf.cfg.max_len).to(device), batch_users)
+        batch = histories.slice(start, CF_BATCH)
+        scores = score_samples(cf, pad_histories(batch, cf.cfg.max_len).to(device), batch_users)
+        if exclude_history:
+            scores = without_history(scores, batch)
         ranks.append(target_ranks(scores, target[start : start + CF_BATCH].to(device)).cpu())
         top1.append(scores.argmax(dim=1).cpu())  # first maximum: ties go to the lower item id, as in target_ranks
     return torch.cat(ranks), torch.cat(top1)
 
 
 def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, cfg: EvalConfig,
-             cf: CFModel | None = None, bar=None, hybrid: HybridPrompt | None = None) -> Evaluation:
+             cf: CFModel | None = None, bar=None, hybrid: HybridPrompt | None = None,
+             popularity: torch.Tensor | None = None) -> Evaluation:
     """Beam-search every sample (`sample_id`, `history`, `item_id`) and score the ranked lists
     (`hybrid`: the CF slots of a LLaRA / CoLLM builder's prompts); see `score_lists`."""
     start = time.perf_counter()
     items, scores = recommend(model, builder, trie, samples["history"], cfg, bar, hybrid)
     seconds = time.perf_counter() - start
-    result = score_lists(items, scores, samples, cf)
+    result = score_lists(items, scores, samples, cf, popularity, cfg.exclude_history)
     result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
                                 "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
     return result
 
 
-def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf: CFModel | None = None) -> Evaluation:
+def score_lists(items: np.ndarray, scores: np.ndarray, samples: pl.DataFrame, cf: CFModel | None = None,
+                popularity: torch.Tensor | None = None, exclude_history: bool = False) -> Evaluation:
     """Metrics and predictions of ranked lists (`recommend`'s items [S, beams], 0 = none, and scores)
     for these samples. A function of the lists alone, so lists decoded in shards or on several ranks
     and concatenated give exactly the metrics of one run.
 
     With a CF model, also collaborative consistency (share of samples whose top-1 item is the CF
-    model's top-1) and the CF model's own full-ranking metrics on the same samples.
+    model's top-1) and the CF model's own full-ranking metrics on the same samples; with `popularity`
+    (interaction counts [N+1] of the train split), the most-popular baseline's. `exclude_history`
+    ranks history items last in both (the lists are expected to hold none). Every metric comes with
+    its 95% bootstrap interval over the samples (`ci`), and the predictions keep each sample's 0-based
+    rank under every model (`rank`, `cf_rank`, `popularity_rank`; the list length where absent), so
+    that two runs on the same samples can be compared pair by pair.
     """
     target = torch.from_numpy(samples["item_id"].to_numpy().astype(np.int64))
     found = items > 0
     padded = np.pad(items, ((0, 0), (0, max(0, max(KS) - items.shape[1]))))  # absent targets rank beyond every k
-    llm = ranking_metrics(list_ranks(torch.from_numpy(padded), target))
+    ranks = {"llm": list_ranks(torch.from_numpy(padded), target)}
+    llm = ranking_metrics(ranks["llm"])
     llm[f"lists_under_{max(KS)}"] = float((found.sum(axis=1) < max(KS)).mean())
     metrics = {"llm": llm}
     if cf is not None:
         users = torch.from_numpy(samples["user_id"].to_numpy().astype("int64")) if "user_id" in samples.columns else None
-        cf_ranks, cf_top1 = cf_ranking(cf, samples["history"], target, users)
+        ranks["cf"], cf_top1 = cf_ranking(cf, samples["history"], target, users, exclude_history)
         llm["cc"] = float((torch.from_numpy(items[:, 0]) == cf_top1).double().mean())
-        metrics["cf"] = ranking_metrics(cf_ranks)
+        metrics["cf"] = ranking_metrics(ranks["cf"])
+    if popularity is not None:
+        pop = popularity.double()[None]
+        pop = without_history(pop, samples["history"]) if exclude_history else pop
+        ranks["popularity"] = target_ranks(pop, target)
+        metrics["popularity"] = ranking_metrics(ranks["popularity"])
     metrics["n_samples"] = samples.height
+    metrics["exclude_history"] = exclude_history
+    metrics["ci"] = {}
+    for name, r in ranks.items():
+        per = per_sample_metrics(r.numpy())
+        bounds = bootstrap_interval(np.stack(list(per.values())))
+        metrics["ci"][name] = {key: [round(float(lo), 6), round(float(hi), 6)] for key, (lo, hi) in zip(per, bounds)}
     offsets = pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]).astype(np.int32))
     predictions = pl.DataFrame({
         "sample_id": samples["sample_id"],
         "items": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(items[found].astype(np.int32)))),
         "scores": pl.from_arrow(pa.ListArray.from_arrays(offsets, pa.array(scores[found]))),
+        **{("rank" if name == "llm" else f"{name}_rank"): r.numpy().astype(np.int32) for name, r in ranks.items()},
     })
     return Evaluation(metrics, predictions)
 

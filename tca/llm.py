@@ -54,13 +54,14 @@ def use_bf16(device: str | torch.device, precision: str = "auto") -> bool:
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "cpu", lora: LoraSettings | None = None,
-               merge: bool = False, bf16: bool = False, cf_dim: int | None = None):
+               merge: bool = False, bf16: bool = False, cf_dim: int | None = None, full: bool = False):
     """The base model from an HF dir (`model` stage), on `device`, in eval mode, its weights in bf16 or fp32.
 
     - `adapter_dir`: a saved LoRA adapter on top (for inference; `merge=True` folds it into the weights).
     - `lora`: a fresh trainable LoRA instead (for training; seed torch first for a reproducible init).
     - `cf_dim`: the model also carries the hybrid prompts' projector from CF vectors of this size
       (`tca.hybrid_prompt`), trained, saved and loaded with the LoRA weights (peft's `modules_to_save`).
+    - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
     Only the LoRA weights (and the projector) are trainable in the returned peft model; they stay fp32
     (peft's default), so train under `torch.autocast(..., dtype=torch.bfloat16)` when `bf16`.
     """
@@ -69,7 +70,11 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
 
     if adapter_dir is not None and lora is not None:
         raise ValueError("pass either adapter_dir (a trained adapter) or lora (a fresh one), not both")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
+    if full and (adapter_dir is not None or lora is not None):
+        raise ValueError("full fine-tuning takes neither an adapter nor a LoRA config")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32).to(device)
+    if full:
+        return model.requires_grad_(True).eval()
     if cf_dim is not None:
         model.add_module(PROJECTOR, Projector(cf_dim, model.config.hidden_size).to(device))
     if adapter_dir is not None:

@@ -64,6 +64,7 @@ class PromptBuilder:
             raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
+        self.titles = list(titles)
         self.items_format = targets is not None
         if self.items_format:
             if slots:

@@ -110,6 +110,8 @@ class TrainConfig:
             raise TcaError(f"train.pack_targets: {self.pack_targets} must be >= 1")
         if self.finetune not in FINETUNES:
             raise TcaError(f"train.finetune: {self.finetune!r} is not one of {', '.join(FINETUNES)}")
+        if self.finetune == "full" and self.backbone in SLOTS:
+            raise TcaError(f"train.finetune: full is for tallrec / msl; {self.backbone}'s projector trains beside a LoRA adapter")
         if self.precision not in PRECISIONS:
             raise TcaError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         self.loss_config  # validates loss, alpha, msl_tau
@@ -180,8 +182,10 @@ class Trainer:
 
     def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
                  work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None,
-                 world: ddp.World = ddp.World()):
-        """`world`: this process's rank among data-parallel processes (all must pass the same other arguments)."""
+                 world: ddp.World = ddp.World(), exclude_history: bool = False):
+        """`world`: this process's rank among data-parallel processes (all must pass the same other arguments).
+        `exclude_history`: validation decodes as the eval stage does with `eval.exclude_history`."""
+        self.exclude_history = exclude_history
         self.model, self.batcher, self.samples, self.valid, self.cfg = model, batcher, samples, valid, cfg
         self.work_dir, self.device, self.world = Path(work_dir), torch.device(device), world
         self.log = log if world.main else (lambda msg: None)
@@ -218,8 +222,6 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every rank calls it (the RNG states are gathered); rank 0 writes."""
-        from peft import get_peft_model_state_dict
-
         rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})
         rng = ddp.gather(rng, self.world)
         if not self.world.main:
@@ -227,11 +229,25 @@ class Trainer:
         self.state["log_bytes"] = (self.work_dir / "log.jsonl").stat().st_size if (self.work_dir / "log.jsonl").exists() else 0
         checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "world_size": self.world.size,
                       "state": self.state, "rng": rng,
-                      "lora": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                      "weights": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict()}
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, self.state_path)  # a kill mid-save leaves the previous checkpoint
+
+    def trainable_state(self) -> dict:
+        """What training changes: the LoRA weights (and projector) of a peft model, or every weight (full fine-tuning)."""
+        from peft import PeftModel, get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model) if isinstance(self.model, PeftModel) else self.model.state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
+
+        if isinstance(self.model, PeftModel):
+            set_peft_model_state_dict(self.model, state)
+        else:
+            self.model.load_state_dict(state)
 
     def save_adapter(self) -> None:
         """`adapter/` <- the current LoRA weights, replaced whole (never half-written); rank 0 only."""
@@ -246,8 +262,6 @@ class Trainer:
     def resume(self) -> None:
         """Continue from `state.pt` if the work dir has one (same config, data and world size, or an error).
         Rank 0 reads it and hands it to the other ranks (their disks need not hold it)."""
-        from peft import set_peft_model_state_dict
-
         ckpt = None
         if self.world.main and self.state_path.exists():
             ckpt = torch.load(self.state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
@@ -259,7 +273,7 @@ class Trainer:
             raise TcaError(ckpt)
         if ckpt is None:
             return
-        set_peft_model_state_dict(self.model, ckpt["lora"])
+        self.load_trainable_state(ckpt["weights"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         rng = ckpt["rng"][self.world.rank]
@@ -315,7 +329,7 @@ class Trainer:
 
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
-        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl)
+        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl, exclude_history=self.exclude_history)
         part = self.valid[ddp.split(self.valid.height, self.world)]
         items, scores = np.zeros((0, cfg.num_beams), np.int64), np.zeros((0, cfg.num_beams), np.float32)
         if part.height:

@@ -16,7 +16,7 @@ from pipeline.stages import cf_dist as cf_dist_stage
 from tca import collab_store
 from tca.cf import CFConfig, build, pad_histories, save_checkpoint
 from tca.cf.sasrec import SASRec
-from tca.collab import CollabConfig, TokenDist, token_dist
+from tca.collab import CollabConfig, TokenDist, token_dist, without_history
 from tca.collab_store import DistReader, DistWriter
 from tca.errors import TcaError
 from tca.trie import Trie, build_trie, target_ids
@@ -311,7 +311,7 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
     from tca.cf import load_checkpoint
 
     monkeypatch.setattr(cf_dist_stage, "BATCH", 5)  # several batches
-    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1}, "train": {"backbone": "tallrec"}}
+    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1, "exclude_history": False}, "train": {"backbone": "tallrec"}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     cf_dist_stage.run(ctx)
@@ -339,8 +339,28 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
 def test_cf_dist_stage_refuses_a_subset_without_history(artifacts, tmp_path):
     path = artifacts / "subset" / "train.parquet"
     pl.read_parquet(path).drop("history").write_parquet(path)
-    params = {"tca": {"temperature": 1.0, "top_k": 0, "cf_source": "model", "alpha": 0.1}}
+    params = {"tca": {"temperature": 1.0, "top_k": 0, "cf_source": "model", "alpha": 0.1, "exclude_history": False}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     with pytest.raises(TcaError, match="train.parquet: no column history"):
         cf_dist_stage.run(ctx)
+
+
+@settings(max_examples=60, deadline=None)
+@given(catalogs, st.integers(0, 1000), st.sampled_from([0.3, 1.0, 4.0]), st.integers(0, 4))
+def test_excluding_history_drops_those_items_from_every_candidate_set(titles, seed, tau, n_hist):
+    """tca.exclude_history: q equals the brute force over the catalog without the sample's history items
+    (its gold item always stays, even when the history holds it)."""
+    trie, seqs = catalog(titles)
+    ids = np.array(list(seqs))
+    rng = np.random.default_rng(seed)
+    golds = rng.choice(ids, 6)
+    histories = [rng.choice(ids, n_hist).tolist() + ([int(g)] if b == 0 else []) for b, g in enumerate(golds)]  # sample 0 repeats its gold
+    scores = random_scores(seqs, len(golds), seed, 3.0)
+    in_order = scores[:, torch.from_numpy(trie.item_order.astype(np.int64))]
+    kept = without_history(in_order, pl.Series(histories, dtype=pl.List(pl.Int64)), golds, trie, tau)
+    got = unpack(token_dist(trie, golds, kept, CollabConfig(temperature=tau, exclude_history=True), trie_order=True))
+    for b, (gold, hist) in enumerate(zip(golds, histories)):
+        allowed = {i: s for i, s in seqs.items() if i not in hist or i == gold}
+        nonzero = [{v: p for v, p in pos.items() if p > 0} for pos in got[b]]
+        assert_close(nonzero, brute_q(allowed, scores[b].numpy(), int(gold), tau), tol=1e-5)

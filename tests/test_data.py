@@ -119,6 +119,8 @@ def test_build_matches_python_reference(seed, merge, min_history, history_len):
         assert dataset.splits[name].rows() == [tuple(r) for r in rows]
     assert dataset.stats["items"] == len(table)
     assert dataset.stats["interactions"] == sum(r[3] for r in table)
+    for name, rows in zip(("train", "valid", "test"), splits):  # share of samples whose target is in its history
+        assert dataset.stats["repeat_rate"][name] == pytest.approx(np.mean([r[3] in r[2] for r in rows]) if rows else 0.0)
 
 
 # ---------- titles ----------

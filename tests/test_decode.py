@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from tca.decode import DeviceTrie, beam_search, ranked_items
+from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
 from tca.errors import TcaError
 from tca.hf_decode import hf_beam_search
 from tca.prompt import PromptBuilder
@@ -161,3 +161,36 @@ def test_refuses_attention_it_does_not_implement(tiny_llama, catalog):
     with pytest.raises(TcaError, match="sliding window"):
         beam_search(model, prompts, DeviceTrie(trie, "cpu"), 2)
     assert model.config._attn_implementation == "sdpa"  # left as it was
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_excluding_history_ranks_every_other_item_as_brute_force(model, catalog, tokenizer, renormalize):
+    """With `excluded`, no list holds a history item; with as many beams as items the ranking is the
+    exhaustive ranking of every non-history item. Item 14 shares item 7's title (one leaf, two items):
+    excluding one of them keeps the other."""
+    _, _, prompts, _ = catalog
+    targets = target_ids(tokenizer, pl.Series([*TITLES, TITLES[6]]))
+    trie = build_trie(np.arange(1, len(TITLES) + 2), targets)
+    histories = [[1, 4, 5, 6], [7], [3, 2, 8, 9, 10, 12, 13], [11, 11]]  # the prompts' own histories
+    flat, lengths = np.concatenate(histories), np.array([len(h) for h in histories])
+    k = len(TITLES) + 1
+    leaves, scores = beam_search(model, prompts, DeviceTrie(trie, "cpu"), k, renormalize=renormalize,
+                                 excluded=excluded_rows(trie, flat, lengths))
+    items, item_scores = ranked_items(trie, leaves.numpy(), scores.numpy(), k, (flat, lengths))
+    builder = catalog[3]
+    for row, hist in enumerate(histories):
+        # the reference: the catalog without the row's history items (renormalize: over the children left)
+        keep = [i for i in range(1, len(TITLES) + 2) if i not in hist]
+        kept_targets = [targets[i - 1] for i in keep]
+        row_trie = build_trie(np.array(keep), pl.Series(kept_targets))
+        log_probs = title_log_probs(model, builder.build(np.array(hist), np.array([len(hist)])), row_trie, kept_targets, renormalize)
+        allowed = [(s, keep[i - 1]) for s, i in reference(log_probs, kept_targets)[0]]
+        got = items[row][items[row] > 0]
+        assert not set(got.tolist()) & set(hist)
+        assert got.tolist() == [i for _, i in allowed]
+        np.testing.assert_allclose(item_scores[row][items[row] > 0], [s for s, _ in allowed], atol=1e-4, rtol=0)
+    assert 14 in items[1] and 7 not in items[1]
+    # with few beams, none is spent on a history item: every list is full
+    few, _ = beam_search(model, prompts, DeviceTrie(trie, "cpu"), 3, renormalize=renormalize, excluded=excluded_rows(trie, flat, lengths))
+    few_items, _ = ranked_items(trie, few.numpy(), np.zeros(few.shape), 3, (flat, lengths))
+    assert (few_items > 0).all() and not any(set(r) & set(h) for r, h in zip(few_items.tolist(), histories))

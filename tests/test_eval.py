@@ -28,7 +28,7 @@ TITLES = ["Alien (1979)", "Alien", "Aliens (1986)", "Toy Story (1995)", "Toy Sto
 PARAMS = {
     "prompt": {"domain": "movies", "target_template": "{title}",
                "instruction": "Given the user's interaction history, recommend the {domain} the user is most likely to interact with next."},
-    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3},
+    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3, "exclude_history": False},
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
 }
@@ -95,7 +95,8 @@ def test_eval_stage_writes_predictions_and_metrics_it_can_reproduce(ran, artifac
     metrics = json.loads((ran / "metrics.json").read_text())
     samples = pl.read_parquet(root / "subset" / "test.parquet")
     assert pred["sample_id"].to_list() == samples["sample_id"].to_list()
-    assert set(metrics) == {"split", "llm", "cf", "n_samples", "decode"} and metrics["n_samples"] == 11
+    assert set(metrics) == {"split", "llm", "cf", "popularity", "n_samples", "exclude_history", "ci", "decode"}
+    assert metrics["n_samples"] == 11 and metrics["exclude_history"] is False
     items, scores = pred["items"].to_list(), pred["scores"].to_list()
     for row_items, row_scores in zip(items, scores):
         assert len(row_items) == 4 and len(set(row_items)) == 4 and row_scores == sorted(row_scores, reverse=True)
@@ -115,6 +116,18 @@ def test_eval_stage_writes_predictions_and_metrics_it_can_reproduce(ran, artifac
     cf_ranks = [int((s[1:] > s[t]).sum()) for s, t in zip(cf_scores, targets)]
     assert math.isclose(metrics["cf"]["hr@5"], np.mean([r < 5 for r in cf_ranks]))
     assert metrics["llm"]["lists_under_10"] == 1.0  # 4 beams: every list is shorter than 10
+    assert pred["cf_rank"].to_list() == cf_ranks
+
+    # popularity: counts of the train split's targets, ties to the lower item id
+    counts = np.bincount(pl.read_parquet(root / "data" / "train.parquet")["item_id"].to_numpy(), minlength=len(TITLES) + 1)
+    pop_ranks = [sum(counts[i] > counts[t] or (counts[i] == counts[t] and i < t) for i in range(1, len(TITLES) + 1))
+                 for t in targets]
+    assert pred["popularity_rank"].to_list() == pop_ranks
+    assert math.isclose(metrics["popularity"]["ndcg@10"], np.mean([1 / math.log2(r + 2) if r < 10 else 0.0 for r in pop_ranks]))
+    # every interval holds its metric
+    for name in ("llm", "cf", "popularity"):
+        for key, (lo, hi) in metrics["ci"][name].items():
+            assert lo <= metrics[name][key] + 1e-9 and metrics[name][key] <= hi + 1e-9
 
     # the merged adapter decodes as the unmerged peft model does, and as `evaluate` called directly
     builder = PromptBuilder(tokenizer, ["", *TITLES])
@@ -130,13 +143,20 @@ def test_inspect_eval_shows_llm_and_cf_lists(ran):
     assert any(title in text for title in TITLES)
 
 
-def test_eval_params_are_checked():
+def test_eval_params_are_checked(artifacts):
+    data = artifacts[0] / "data"
     with pytest.raises(TcaError, match="eval.split"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "split": "train"}})
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "split": "train"}}, data)
     with pytest.raises(TcaError, match="eval.beams"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "beams": 3}})
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "beams": 3}}, data)
     with pytest.raises(TcaError, match="eval.num_beams"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "num_beams": 0}})
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "num_beams": 0}}, data)
+    with pytest.raises(TcaError, match="eval.exclude_history"):
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "exclude_history": "sometimes"}}, data)
+    # auto follows the data: these random samples repeat items, so auto is off; with no repeats it is on
+    train = pl.read_parquet(data / "train.parquet")
+    repeats = train.select(pl.col("history").list.contains(pl.col("item_id")).any()).item()
+    assert eval_stage.eval_config({"eval": {**PARAMS["eval"], "exclude_history": "auto"}}, data)[0].exclude_history is (not repeats)
 
 
 def test_recommend_by_titles_and_by_user(artifacts, monkeypatch):

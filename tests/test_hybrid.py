@@ -355,6 +355,7 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
         (artifacts / name).mkdir(parents=True)
     pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": TITLES[1:]}).write_parquet(artifacts / "data" / "items.parquet")
     world["samples"].write_parquet(artifacts / "subset" / "train.parquet")
+    world["samples"].write_parquet(artifacts / "data" / "train.parquet")
     world["valid"].write_parquet(artifacts / "subset" / "valid.parquet")
     world["valid"].write_parquet(artifacts / "subset" / "test.parquet")
     shutil.copytree(tiny_model_dir, artifacts / "model")

@@ -1,10 +1,11 @@
 """Full-ranking metrics against hand-computed values and a brute-force sort."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from tca.metrics import list_ranks, popularity_scores, ranking_metrics, target_ranks
+from tca.metrics import bootstrap_interval, list_ranks, per_sample_metrics, popularity_scores, ranking_metrics, target_ranks
 
 
 def brute_rank(row: list[float], target: int) -> int:
@@ -60,3 +61,35 @@ def test_popularity_scores_count_train_targets():
     pop = popularity_scores(torch.tensor([3, 3, 1, 3, 2, 1]), n_items=4)
     assert pop.tolist() == [[0, 2, 1, 3, 0]]
     assert target_ranks(pop, torch.tensor([3, 1, 2, 4])).tolist() == [0, 1, 2, 3]
+
+
+def test_bootstrap_interval_holds_the_mean_and_has_the_binomial_width():
+    hits = (np.random.default_rng(0).random(4000) < 0.2).astype(float)
+    lo, hi = bootstrap_interval(hits)
+    assert lo < hits.mean() < hi
+    half = 1.96 * np.sqrt(hits.mean() * (1 - hits.mean()) / len(hits))  # the normal approximation
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    # rows are independent metrics resampled together; a constant has a zero-width interval
+    both = bootstrap_interval(np.stack([hits, np.full(4000, 0.5)]))
+    np.testing.assert_allclose(both[0], [lo, hi])
+    assert both[1].tolist() == [0.5, 0.5]
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_one():
+    """Two models that agree on most samples: the interval of the per-sample difference is far narrower
+    than what two independent intervals would suggest, and it excludes 0 when one model is better."""
+    rng = np.random.default_rng(1)
+    a = (rng.random(2000) < 0.3).astype(float)
+    b = a.copy()
+    b[rng.choice(np.flatnonzero(a == 0), 40, replace=False)] = 1.0  # b also hits 40 samples a misses
+    lo, hi = bootstrap_interval(b - a)
+    assert 0 < lo < (b - a).mean() < hi
+    (a_lo, a_hi), (b_lo, b_hi) = bootstrap_interval(np.stack([a, b]))
+    assert b_lo < a_hi  # the separate intervals overlap
+    assert hi - lo < (a_hi - a_lo) / 2
+
+
+def test_per_sample_metrics_average_to_ranking_metrics():
+    ranks = torch.tensor([0, 3, 9, 10, 2, 50])
+    per = per_sample_metrics(ranks.numpy())
+    assert {k: pytest.approx(v.mean()) for k, v in per.items()} == ranking_metrics(ranks)

@@ -204,6 +204,7 @@ def sid_artifacts(tmp_path_factory):
     save_checkpoint(build(CFConfig(hidden=8, blocks=1, max_len=4), N_ITEMS).eval(), root / "cf" / "model.pt")
     for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
         cyclic_samples(64, seed).with_columns(user_id=pl.lit(1, pl.Int32)).write_parquet(root / "subset" / f"{split}.parquet")
+    shutil.copy(root / "subset" / "train.parquet", root / "data" / "train.parquet")  # popularity's counts
     return root
 
 

@@ -255,6 +255,7 @@ def test_train_stage(world, tiny_model_dir, tokenizer, tmp_path):
     pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": TITLES[1:]}).write_parquet(artifacts / "data" / "items.parquet")
     (artifacts / "subset").mkdir()
     world["samples"].write_parquet(artifacts / "subset" / "train.parquet")
+    world["samples"].write_parquet(artifacts / "data" / "train.parquet")
     world["valid"].write_parquet(artifacts / "subset" / "valid.parquet")
     shutil.copytree(tiny_model_dir, artifacts / "model")
     for name, module in (("trie", trie_stage), ("cf_dist", cf_dist), ("train", train)):

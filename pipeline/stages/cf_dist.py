@@ -28,10 +28,14 @@ def run(ctx: StageContext) -> None:
     from tca.collab import CollabConfig, stream_token_dist
     from tca.collab_store import DistWriter
 
-    cfg = CollabConfig(temperature=ctx.param("tca.temperature"), top_k=ctx.param("tca.top_k"), cf_source=ctx.param("tca.cf_source"))
+    from pipeline.stages.data import resolve_exclude_history
+
+    exclude = resolve_exclude_history(ctx.param("tca.exclude_history"), ctx.input("data"), "tca.exclude_history")
+    cfg = CollabConfig(temperature=ctx.param("tca.temperature"), top_k=ctx.param("tca.top_k"), cf_source=ctx.param("tca.cf_source"),
+                       exclude_history=exclude)
     trie = Trie.load(ctx.input("trie") / "trie.npz")
     attrs = {"cf_model": None, "cf_checkpoint_sha256": None, "temperature": cfg.temperature, "top_k": cfg.top_k,
-             "cf_source": cfg.cf_source, "trie_hash": trie.digest()}  # fmt: skip
+             "cf_source": cfg.cf_source, "exclude_history": cfg.exclude_history, "trie_hash": trie.digest()}  # fmt: skip
     model = None
     if cfg.cf_source == "model":
         checkpoint = ctx.input("cf") / "model.pt"

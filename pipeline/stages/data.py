@@ -29,9 +29,24 @@ def run(ctx: StageContext) -> None:
     ctx.log(f"{s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
             f"(density {s['density']:.3%})")
     ctx.log("samples: " + ", ".join(f"{name} {n:,}" for name, n in s["samples"].items()))
+    ctx.log("repeats (target already in its history): " + ", ".join(f"{name} {r:.2%}" for name, r in s["repeat_rate"].items()))
     if s["bad_lines_skipped"]:
         ctx.log(f"skipped {s['bad_lines_skipped']:,} bad lines (data.on_bad_line=skip)")
     ctx.log("wrote items.parquet, " + ", ".join(f"{name}.parquet" for name in SPLITS) + ", stats.json")
+
+
+def resolve_exclude_history(value, data_dir: Path, key: str) -> bool:
+    """`auto` -> on when the train split has no repeats (no sample's target is in its history: data/stats.json's
+    repeat_rate, recomputed from train.parquet), else as given."""
+    from tca.errors import TcaError
+
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise TcaError(f"{key}: {value!r} must be auto, true or false")
+    from tca.data.process import repeat_rate
+
+    return repeat_rate(pl.read_parquet(data_dir / "train.parquet", columns=["history", "item_id"])) == 0
 
 
 def describe_sample(sample: dict, titles: dict[int, str]) -> str:

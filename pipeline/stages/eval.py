@@ -20,30 +20,30 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id,
     hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
     (LLaRA, CoLLM: `adapter/hybrid.json`) gets its CF slots filled by `cf` (default: the cf stage's)."""
-    import polars as pl
-    from transformers import AutoTokenizer
-
+    from pipeline.stages.train import load_builder, read_format
     from tca.cf.registry import load_checkpoint
     from tca.hybrid_prompt import RECORD, HybridPrompt
     from tca.llm import load_model
-    from tca.prompt import PromptBuilder, PromptConfig
     from tca.trie import Trie
 
     adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
+    fmt = read_format(adapter) if adapter.is_dir() else {"packing": "none", "finetune": "lora"}
     hybrid = None
     if (adapter / RECORD).exists():
         hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
-    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
-                       cf_dim=None if hybrid is None else hybrid.cf_dim)
-    tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
-    items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
-    titles = ["", *items["title"].to_list()]  # item ids are 1..N; 0 is padding
-    builder = PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]), () if hybrid is None else hybrid.slots)
+    if fmt["finetune"] == "full":  # the adapter dir holds the whole fine-tuned model
+        model = load_model(adapter, device=device)
+    else:
+        model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
+                           cf_dim=None if hybrid is None else hybrid.cf_dim)
+    builder, _, _ = load_builder(artifacts, params, fmt["packing"], () if hybrid is None else hybrid.slots)
+    titles = builder.titles  # item ids are 1..N; 0 is padding
     return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles, hybrid
 
 
-def eval_config(params: dict):
-    """The EvalConfig and the split of the `eval:` section."""
+def eval_config(params: dict, data_dir: Path):
+    """The EvalConfig and the split of the `eval:` section (`exclude_history: auto` resolved by the data's repeat rate)."""
+    from pipeline.stages.data import resolve_exclude_history
     from tca.errors import TcaError
     from tca.evaluate import EvalConfig
 
@@ -51,14 +51,25 @@ def eval_config(params: dict):
     split = section.pop("split", "test")
     if split not in SPLITS:
         raise TcaError(f"eval.split: {split!r} is not a subset split; use one of {', '.join(SPLITS)}")
+    section["exclude_history"] = resolve_exclude_history(section.get("exclude_history", False), data_dir, "eval.exclude_history")
     return EvalConfig.from_params(section), split
+
+
+def popularity_counts(data_dir: Path):
+    """Interactions per item id among the train split's targets [N+1]: the most-popular baseline's scores."""
+    import polars as pl
+    import torch
+
+    n_items = pl.scan_parquet(data_dir / "items.parquet").select(pl.col("item_id").max()).collect().item()
+    targets = pl.read_parquet(data_dir / "train.parquet", columns=["item_id"])["item_id"].to_numpy().astype("int64")
+    return torch.bincount(torch.from_numpy(targets), minlength=n_items + 1)
 
 
 def run(ctx: StageContext) -> None:
     from tca.cf.registry import load_checkpoint
     from tca.evaluate import evaluate
 
-    cfg, split = eval_config(ctx.params)
+    cfg, split = eval_config(ctx.params, ctx.input("data"))
     samples = read_samples(ctx, split)
     lo, hi = ctx.shard_range(samples.height)
     samples = samples[lo:hi]
@@ -73,7 +84,7 @@ def run(ctx: StageContext) -> None:
             f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
-        result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid)
+        result = evaluate(model, builder, trie, samples, cfg, cf, bar, hybrid, popularity_counts(ctx.input("data")))
     write(ctx, result, split)
 
 
@@ -90,7 +101,7 @@ def evaluate_sid(ctx: StageContext, samples, cfg, cf, split: str, shard: str):
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
         ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, record["max_history"], bar)
     seconds = time.perf_counter() - start
-    result = score_lists(ranked, scores, samples, cf)
+    result = score_lists(ranked, scores, samples, cf, popularity_counts(ctx.input("data")), cfg.exclude_history)
     result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
                                 "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": ctx.device}
     return result
@@ -120,12 +131,13 @@ def merge(ctx: StageContext, shards: list[Path]) -> None:
     from tca.errors import TcaError
     from tca.evaluate import read_lists, score_lists
 
-    cfg, split = eval_config(ctx.params)
+    cfg, split = eval_config(ctx.params, ctx.input("data"))
     samples = read_samples(ctx, split)
     predictions = pl.concat([pl.read_parquet(shard / "predictions.parquet") for shard in shards])
     if predictions["sample_id"].to_list() != samples["sample_id"].to_list():
         raise TcaError(f"the predictions of the shards in {shards[0].parent} are not those of the {split} subset's samples; rerun the shards")
-    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device))
+    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device),
+                         popularity_counts(ctx.input("data")), cfg.exclude_history)
     decodes = [json.loads((shard / "metrics.json").read_text())["decode"] for shard in shards]
     seconds = sum(d["seconds"] for d in decodes)
     result.metrics["decode"] = decodes[0] | {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / max(seconds, 1e-9), 3),
@@ -136,17 +148,21 @@ def merge(ctx: StageContext, shards: list[Path]) -> None:
 def read_samples(ctx: StageContext, split: str):
     import polars as pl
 
-    return pl.read_parquet(ctx.input("subset") / f"{split}.parquet", columns=["sample_id", "history", "item_id"])
+    path = ctx.input("subset") / f"{split}.parquet"
+    names = pl.read_parquet_schema(path)  # user_id: for CF models with user vectors
+    return pl.read_parquet(path, columns=[c for c in ("sample_id", "user_id", "history", "item_id") if c in names])
 
 
 def write(ctx: StageContext, result, split: str) -> None:
     result.predictions.write_parquet(ctx.out / "predictions.parquet")
     metrics = {"split": split, **result.metrics}
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    llm, cf_m = metrics["llm"], metrics["cf"]
+    llm, cf_m, pop = metrics["llm"], metrics["cf"], metrics["popularity"]
+    ci = metrics["ci"]["llm"]["ndcg@10"]
     ctx.log(f"wrote predictions.parquet, metrics.json: LLM hr@10 {llm['hr@10']:.4f} ndcg@10 {llm['ndcg@10']:.4f} "
-            f"cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
-            f"{metrics['decode']['samples_per_s']:.2f} samples/s")
+            f"[{ci[0]:.4f}, {ci[1]:.4f}] cc {llm['cc']:.4f} | CF hr@10 {cf_m['hr@10']:.4f} ndcg@10 {cf_m['ndcg@10']:.4f} | "
+            f"popularity ndcg@10 {pop['ndcg@10']:.4f} | {metrics['decode']['samples_per_s']:.2f} samples/s"
+            f"{' (history excluded)' if metrics['exclude_history'] else ''}")
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:
@@ -159,10 +175,14 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     metrics = json.loads((artifact_dir / "metrics.json").read_text())
     keys = [k for k in metrics["llm"] if k in metrics["cf"]]
+    names = [name for name in ("llm", "cf", "popularity") if name in metrics]
     lines = [f"eval/ on {metrics['n_samples']:,} {metrics['split']} samples "
              f"({metrics['decode']['num_beams']} beams, {metrics['decode']['samples_per_s']:.2f} samples/s on {metrics['decode']['device']})",
              f"{'':<5}" + "".join(f"{k:>9}" for k in keys)]
-    lines += [f"{name:<5}" + "".join(f"{metrics[name][k]:>9.4f}" for k in keys) for name in ("llm", "cf")]
+    lines += [f"{name[:5]:<5}" + "".join(f"{metrics[name][k]:>9.4f}" for k in keys) for name in names]
+    if "ci" in metrics:
+        lines.append("95% bootstrap intervals of ndcg@10: " + ", ".join(
+            f"{name} [{metrics['ci'][name]['ndcg@10'][0]:.4f}, {metrics['ci'][name]['ndcg@10'][1]:.4f}]" for name in names))
     lines.append(" ".join(f"{k} {v:.4f}" for k, v in metrics["llm"].items() if k not in keys))
 
     artifacts = artifact_dir.parent

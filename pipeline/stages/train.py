@@ -18,10 +18,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.context import StageContext
 
 DISTRIBUTED = True
-PARAMS = ("train", "lora", "tca.alpha", "prompt")
+PARAMS = ("train", "lora", "tca.alpha", "prompt", "eval.exclude_history")
+FORMAT_RECORD = "format.json"  # in adapter/: the prompt format it was trained with (train.packing) and what it holds (train.finetune)
 SID_RECORD = "sid.json"  # in adapter/ of tiger / letter: the whole T5 is there (trained from scratch), and how it reads histories
 INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
           "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet", "cf/model.pt")
@@ -37,26 +40,43 @@ def resume_dir(ctx: StageContext) -> Path:
     return ctx.artifacts / ".resume" / f"train-{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
 
 
-def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
-    """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts."""
+def load_builder(artifacts: Path, params: dict, packing: str, slots: tuple = ()):
+    """(PromptBuilder, ItemTargets, tokenizer) from the upstream artifacts: the prompt format of `packing`
+    (items: every item written as its trie target ids), with these CF slots."""
     import polars as pl
     from transformers import AutoTokenizer
 
-    from tca.collab_store import DistReader
     from tca.llm import ItemTargets
     from tca.prompt import PromptBuilder, PromptConfig
-    from tca.train import Batcher
-    from tca.trie import Trie
 
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
     items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
-    builder = PromptBuilder(tokenizer, ["", *items["title"].to_list()], PromptConfig(**params["prompt"]),
-                            () if hybrid is None else hybrid.slots)
-    trie = Trie.load(artifacts / "trie" / "trie.npz")
     table = pl.read_parquet(artifacts / "trie" / "items.parquet")
+    targets = ItemTargets(table["item_id"].to_numpy(), table["token_ids"])
+    titles = ["", *items["title"].to_list()]
+    pieces = None
+    if packing == "items":
+        ids, lengths = targets.get(items["item_id"].to_numpy())
+        pieces = [[], *(p.tolist() for p in np.split(ids, np.cumsum(lengths)[:-1]))]
+    return PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]), slots, pieces), targets, tokenizer
+
+
+def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
+    """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts."""
+    from tca.collab_store import DistReader
+    from tca.train import Batcher
+    from tca.trie import Trie
+
+    builder, targets, tokenizer = load_builder(artifacts, params, cfg.packing, () if hybrid is None else hybrid.slots)
+    trie = Trie.load(artifacts / "trie" / "trie.npz")
     dist = DistReader(artifacts / "cf_dist" / "dist.zarr", trie) if cfg.loss_config.uses_q else None
-    return Batcher(builder, ItemTargets(table["item_id"].to_numpy(), table["token_ids"]), trie, dist, cfg.loss_config,
-                   cfg.max_len, tokenizer.pad_token_id, hybrid)
+    return Batcher(builder, targets, trie, dist, cfg.loss_config, cfg.max_len, tokenizer.pad_token_id, hybrid)
+
+
+def read_format(adapter: Path) -> dict:
+    """The adapter's `format.json` (an adapter from before it existed: per-sample prompts, LoRA)."""
+    path = adapter / FORMAT_RECORD
+    return json.loads(path.read_text()) if path.exists() else {"packing": "none", "finetune": "lora"}
 
 
 def run(ctx: StageContext) -> None:
@@ -83,20 +103,26 @@ def run(ctx: StageContext) -> None:
         hybrid = HybridPrompt(cf, cfg.backbone, (cfg.curriculum_start, cfg.curriculum_end))
         log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
     batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid)
-    columns = ["sample_id", "history", "item_id"]
+    names = pl.read_parquet_schema(ctx.input("subset") / "train.parquet")
+    columns = [c for c in ("sample_id", "user_id", "timestamp", "history", "item_id") if c in names]  # user, time: packing
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
     valid = pl.read_parquet(ctx.input("subset") / "valid.parquet", columns=columns) if cfg.eval_every else None
 
     torch.manual_seed(cfg.seed)  # the LoRA (and projector) init and the dropout (and curriculum) draws
     bf16 = use_bf16(ctx.device, cfg.precision)
-    model = load_model(ctx.input("model"), device=ctx.device, lora=lora, bf16=bf16, cf_dim=None if hybrid is None else hybrid.cf_dim)
+    model = load_model(ctx.input("model"), device=ctx.device, lora=None if cfg.finetune == "full" else lora, bf16=bf16,
+                       cf_dim=None if hybrid is None else hybrid.cf_dim, full=cfg.finetune == "full")
     work = resume_dir(ctx)
     log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}"
         + (f"; rank 0 of {world.size}: {world.size} x {cfg.micro_batch} x {cfg.grad_accum} samples per step" if world.size > 1 else ""))
-    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress, world).run()
+    from pipeline.stages.data import resolve_exclude_history
+
+    exclude = resolve_exclude_history(ctx.param("eval.exclude_history"), ctx.input("data"), "eval.exclude_history")
+    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress, world, exclude).run()
     if not world.main:
         return
     shutil.move(work / "adapter", ctx.out / "adapter")
+    (ctx.out / "adapter" / FORMAT_RECORD).write_text(json.dumps({"packing": cfg.packing, "finetune": cfg.finetune}) + "\n")
     if hybrid is not None:
         hybrid.save(ctx.out / "adapter")
     shutil.move(work / "log.jsonl", ctx.out / "log.jsonl")

@@ -61,10 +61,19 @@ def build(raw: sources.RawData, cfg: DataConfig, on_step: Callable[[str], None] 
         "interactions": ordered.height,
         "density": ordered.height / (n_users * items.height),
         "samples": {name: frame.height for name, frame in splits.items()},
+        "repeat_rate": {name: repeat_rate(frame) for name, frame in splits.items()},
         "raw_interactions": raw.interactions.height,
         "bad_lines_skipped": raw.bad_lines,
     }
     return Dataset(items, splits, stats)
+
+
+def repeat_rate(samples: pl.DataFrame) -> float:
+    """Share of samples whose target is already in their history (0 where a user meets an item once, as
+    MovieLens's ratings): decides whether recommending history items can ever be right."""
+    if samples.is_empty():
+        return 0.0
+    return float(samples.select(pl.col("history").list.contains(pl.col("item_id")).mean()).item())
 
 
 def catalog(raw_items: pl.DataFrame, cfg: DataConfig) -> pl.DataFrame:

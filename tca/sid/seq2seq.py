@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from tca.cf.base import pad_histories
 from tca.collab_store import DistReader
 from tca.config import check_keys
-from tca.decode import DeviceTrie, ranked_items, search
+from tca.decode import DeviceTrie, excluded_rows, ranked_items, search
 from tca.errors import TcaError
 from tca.evaluate import EvalConfig
 from tca.losses import Labels, LossConfig, make_labels, position_losses
@@ -153,7 +153,8 @@ def train_seq2seq(model, batcher: SidBatcher, samples: pl.DataFrame, cfg: Seq2Se
 
 @torch.inference_mode()
 def sid_beam_search(model, ids: torch.Tensor, mask: torch.Tensor, trie: DeviceTrie, num_beams: int = 10,
-                    length_penalty: float = 1.0, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    length_penalty: float = 1.0, renormalize: bool = False,
+                    excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `num_beams` best SIDs per history: trie leaves [B, K] (-1 where fewer) and scores [B, K].
     The encoder runs once per history; each step reruns the decoder on the beams' code prefixes
     (an SID is a few codes long, so a KV cache would save little)."""
@@ -170,7 +171,8 @@ def sid_beam_search(model, ids: torch.Tensor, mask: torch.Tensor, trie: DeviceTr
         prefix = torch.cat([prefix[src], tokens[:, None]], 1)
         return logits_of(prefix, sample)
 
-    return search(trie, logits_of(prefix, torch.arange(len(ids), device=ids.device)), num_beams, length_penalty, renormalize, advance)
+    return search(trie, logits_of(prefix, torch.arange(len(ids), device=ids.device)), num_beams, length_penalty, renormalize, advance,
+                  None if excluded is None else excluded.to(ids.device))
 
 
 def recommend_sids(model, items: SidItems, trie: Trie, histories: pl.Series, cfg: EvalConfig, max_history: int,
@@ -182,10 +184,15 @@ def recommend_sids(model, items: SidItems, trie: Trie, histories: pl.Series, cfg
     out_scores = np.full((len(histories), cfg.num_beams), -np.inf, dtype=np.float32)
     model.eval()
     for start in range(0, len(histories), cfg.batch_size):
-        ids, mask = items.histories(histories.slice(start, cfg.batch_size), max_history)
-        leaves, scores = sid_beam_search(model, ids.to(device), mask.to(device), dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize)
+        batch = histories.slice(start, cfg.batch_size)
+        ids, mask = items.histories(batch, max_history)
+        hist, hist_len = batch.explode().drop_nulls().to_numpy(), batch.list.len().to_numpy()
+        excluded = excluded_rows(trie, hist, hist_len) if cfg.exclude_history else None
+        leaves, scores = sid_beam_search(model, ids.to(device), mask.to(device), dtrie, cfg.num_beams, cfg.length_penalty,
+                                         cfg.renormalize, excluded)
         rows = slice(start, start + len(ids))
-        out_items[rows], out_scores[rows] = ranked_items(trie, leaves.cpu().numpy(), scores.cpu().numpy(), cfg.num_beams)
+        out_items[rows], out_scores[rows] = ranked_items(trie, leaves.cpu().numpy(), scores.cpu().numpy(), cfg.num_beams,
+                                                         (hist, hist_len) if cfg.exclude_history else None)
         if bar is not None:
             bar.update(len(ids))
     return out_items, out_scores
