@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .experiments import Experiment
 from .hashing import atomic_write_text
-from .results import duration, load_records, slug
+from .results import decode_ranks, duration, load_records, slug
 
 METRICS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "cc")
 HEADERS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "CC")
@@ -67,6 +67,42 @@ def table(rows: list[Row]) -> str:
             cells.append(f"**{text}**" if value is not None and value == best.get(metric) else text)
         lines.append(f"| {row.name} | {row.key_params} | " + " | ".join(cells) + f" | {duration(row.seconds)} |")
     return "\n".join(lines)
+
+
+TCA_SUFFIX = "+TCA"
+PAIRED = ("hr@10", "ndcg@10")
+
+
+def comparisons(rows: list[Row]) -> list[tuple[str, str, str, str]]:
+    """(label, row, its ranks' model, against row, its ranks' model) pairs the report compares on the
+    same samples: each "X+TCA" LLM row against the "X" row, and each LLM row against popularity."""
+    llm = {row.name: row for row in rows if not row.is_cf and row.record.get("ranks")}
+    pairs = [(f"{name} - {name[: -len(TCA_SUFFIX)]}", name, "llm", name[: -len(TCA_SUFFIX)], "llm")
+             for name in llm if name.endswith(TCA_SUFFIX) and name[: -len(TCA_SUFFIX)] in llm]
+    pairs += [(f"{name} - popularity", name, "llm", name, "popularity") for name in llm if "popularity" in llm[name].record["ranks"]]
+    return pairs
+
+
+def paired_table(rows: list[Row]) -> str | None:
+    """Differences of HR@10 / NDCG@10 with 95% paired bootstrap intervals over the same samples."""
+    import numpy as np
+
+    from tca.metrics import bootstrap_interval, per_sample_metrics
+
+    by_name = {row.name: row for row in rows}
+    lines = []
+    for label, a, model_a, b, model_b in comparisons(rows):
+        ranks_a, ranks_b = by_name[a].record["ranks"], by_name[b].record["ranks"]
+        if ranks_a["sample_ids"] != ranks_b["sample_ids"]:
+            lines.append(f"| {label} | other samples: not compared | | |")
+            continue
+        per_a, per_b = (per_sample_metrics(decode_ranks(r[m])) for r, m in ((ranks_a, model_a), (ranks_b, model_b)))
+        diff = np.stack([per_a[k] - per_b[k] for k in PAIRED])
+        cells = [f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, (lo, hi) in zip(diff, bootstrap_interval(diff))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff.shape[1]:,} |")
+    if not lines:
+        return None
+    return "\n".join(["| difference | HR@10 [95% CI] | NDCG@10 [95% CI] | samples |", "|---|---:|---:|---:|", *lines])
 
 
 def varying_param(rows: list[Row]) -> str | None:
@@ -156,6 +192,10 @@ def section(name: str, rows: list[Row], spec: Experiment | None, out: Path) -> t
         base = " ".join([*(f"--params {f}" for f in sorted(files)), *sorted(s for s in shared if s)])
         parts += [f"Every row: `{base}`", ""]
     parts += [table(rows), ""]
+    paired = paired_table(rows)
+    if paired:
+        parts += ["Paired differences on the same samples (95% bootstrap intervals over samples; an interval that "
+                  "excludes 0 is a difference these samples can tell apart):", "", paired, ""]
     if spec is not None:
         missing = [v.name for v in spec.variants if v.name not in {row.name for row in rows}]
         if missing:

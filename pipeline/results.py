@@ -100,6 +100,7 @@ def record(project: Project, experiment: str, variant: str, own: list[str], over
         "command": run_command(params_file, overrides),
         "params": project.flat,
         "metrics": json.loads(metrics_path.read_text()),
+        "ranks": sample_ranks(project.artifacts / "eval" / "predictions.parquet"),
         "seconds": {name: lock.get(name, {}).get("seconds") for name in project.graph.stages},
         "keys": {name: lock.get(name, {}).get("key") for name in project.graph.stages},
         "commit": git_commit(project.root),
@@ -109,6 +110,33 @@ def record(project: Project, experiment: str, variant: str, own: list[str], over
     path = results_dir(project, experiment) / f"{slug(variant)}.json"
     atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
     return path, doc
+
+
+BEYOND = "-"  # a rank of 10 or more: outside every top-k the report compares
+
+
+def sample_ranks(predictions: Path) -> dict | None:
+    """Each sample's 0-based rank of its target under the LLM, the CF teacher and popularity, as digit
+    strings (one character per sample, `BEYOND` past 9), with a digest of the sample ids: what the
+    report needs to compare two runs pair by pair on the same samples, in a few KB."""
+    import hashlib
+
+    import polars as pl
+
+    table = pl.read_parquet(predictions)
+    if "rank" not in table.columns:  # predictions of an eval stage that did not keep ranks
+        return None
+    digest = hashlib.sha256(table["sample_id"].cast(pl.Int64).to_numpy().tobytes()).hexdigest()[:16]
+    encode = lambda ranks: "".join(str(r) if r < 10 else BEYOND for r in ranks.to_list())
+    return {"sample_ids": digest} | {name: encode(table[column]) for name, column in
+                                     (("llm", "rank"), ("cf", "cf_rank"), ("popularity", "popularity_rank")) if column in table.columns}
+
+
+def decode_ranks(text: str):
+    """`sample_ranks`' string -> ranks (10 for `BEYOND`), a numpy array."""
+    import numpy as np
+
+    return np.array([10 if c == BEYOND else int(c) for c in text], dtype=np.int64)
 
 
 def load_records(folder: Path) -> list[dict]:

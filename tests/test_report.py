@@ -6,6 +6,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.experiments import Experiment
@@ -100,3 +101,30 @@ def test_report_writes_tables_and_png_plots(tmp_path):
 def test_report_without_records_says_what_to_run(tmp_path):
     with pytest.raises(TcaError, match="tca experiment"):
         write_report(tmp_path / "artifacts", tmp_path / "report", {})
+
+
+def test_paired_differences_against_the_base_row_and_popularity():
+    """+TCA against its base row and every LLM row against popularity, from the per-sample ranks the
+    records keep: the difference of the means, with a paired interval that brackets it."""
+    from pipeline.report import paired_table
+    from pipeline.results import decode_ranks
+
+    rng = np.random.default_rng(0)
+    base_ranks = rng.integers(0, 40, 3000)
+    better = np.where(rng.random(3000) < 0.1, 0, base_ranks)  # +TCA: a tenth of the samples moved to rank 0
+    pop = rng.integers(0, 60, 3000)
+    enc = lambda r: "".join(str(x) if x < 10 else "-" for x in r)
+    ranks = lambda llm, ids="s1": {"sample_ids": ids, "llm": enc(llm), "popularity": enc(pop)}
+    rows = [Row(record("main", "TallRec", metrics(0, 0, 0, 0), index=1) | {"ranks": ranks(base_ranks)}),
+            Row(record("main", "TallRec+TCA", metrics(0, 0, 0, 0), index=2) | {"ranks": ranks(better)}),
+            Row(record("main", "MSL+TCA", metrics(0, 0, 0, 0), index=3) | {"ranks": ranks(better, ids="other")})]
+    assert (decode_ranks(enc(base_ranks)) == np.minimum(base_ranks, 10)).all()
+    text = paired_table(rows).splitlines()
+    assert text[0].startswith("| difference | HR@10")
+    line = next(l for l in text if l.startswith("| TallRec+TCA - TallRec |"))
+    want = np.mean(better < 10) - np.mean(base_ranks < 10)
+    mean, lo, hi = (float(x) for x in line.split(" | ")[1].replace("[", "").replace("]", "").replace(",", "").split())
+    assert mean == pytest.approx(want, abs=5e-5) and 0 < lo < mean < hi
+    assert any(l.startswith("| TallRec - popularity |") for l in text)
+    assert not any(l.startswith("| MSL+TCA - MSL |") for l in text)  # no MSL row: nothing to compare
+    assert any(l.startswith("| MSL+TCA - popularity |") for l in text)
