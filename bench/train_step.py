@@ -5,6 +5,7 @@ dense q soft labels over the vocabulary, as the paper's code computes them), in 
 
     python bench/train_step.py                      # artifacts/ of this project (data, subset, model, trie, cf_dist)
     python bench/train_step.py --batch 8 --steps 10 --artifacts DIR
+    python bench/train_step.py --packing            # supervised samples/s: packed rows vs one prompt per sample
 
 Variants: ours with loss tca, ntp, and MSL + tca; "full head" = our sparse loss on full-sequence
 logits (isolates the LM-head saving); the dense reference. Whole steps (forward + backward) run
@@ -38,6 +39,7 @@ import yaml
 from pipeline.stages.train import load_batcher
 from tca.llm import LoraSettings, head_logits, load_model, target_hidden, use_bf16
 from tca.losses import LossConfig, position_losses
+from tca.packing import pack_samples, select_rows
 from tca.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", help="auto | bf16 | fp32, as train.precision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--packing", action="store_true", help="only compare packed rows with per-sample prompts")
+    ap.add_argument("--rows", type=int, default=2, help="--packing: packed rows per step (train.micro_batch of a packed run)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,6 +116,8 @@ def main() -> None:
     bf16 = use_bf16(device, args.precision)
     model = load_model(args.artifacts / "model", device=str(device), lora=LoraSettings(), bf16=bf16).train()
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    if args.packing:
+        return compare_packing(args, params, base_cfg, batcher, model, device, bf16, autocast)
     cfgs = {"tca": LossConfig("tca", args.alpha), "ntp": LossConfig("ntp", args.alpha), "msl+tca": LossConfig("tca", args.alpha, msl=True)}
 
     def ours(kind):
@@ -225,6 +231,49 @@ def main() -> None:
           f"{100 * (path_cpu['ours tca'] - path_cpu['ours ntp']) / step_cpu_ntp:+.2f}% of an ntp step (whole steps, noisier: "
           f"{100 * (cpu_rate['ours ntp'] / cpu_rate['ours tca'] - 1):+.1f}%)")
     print(f"msl+tca vs tca: {cpu_rate['ours msl+tca'] / cpu_rate['ours tca']:.2f}x tokens per CPU-s")
+
+
+def compare_packing(args, params, base_cfg, batcher, model, device, bf16, autocast) -> None:
+    """Supervised samples per second: packed rows (train.packing=items) against the same samples as
+    one prompt each (train.packing=none, micro-batches of --batch), same model, loss and precision;
+    one packed step and its per-sample counterpart per round, interleaved."""
+    cfg = replace(base_cfg, packing="items")
+    packed_batcher = load_batcher(args.artifacts, params, cfg)
+    columns = ["sample_id", "user_id", "timestamp", "history", "item_id"]
+    samples = pl.read_parquet(args.artifacts / "subset" / "train.parquet", columns=columns)
+    windows = pack_samples(samples, cfg.pack_targets)
+    loss = cfg.loss_config
+    rng = np.random.default_rng(0)
+
+    def run(inputs, labels) -> int:
+        inputs, labels = inputs.to(device), labels.to(device)
+        with autocast():
+            out = position_losses(head_logits(model, target_hidden(model, inputs), labels.columns), labels, loss).sum()
+        out.backward()
+        model.zero_grad(set_to_none=True)
+        return inputs.n_tokens
+
+    clock = {"packed": [], "per-sample": []}
+    counted = {"packed": [0, 0], "per-sample": [0, 0]}  # samples, tokens
+    for r in range(args.steps + 1):
+        chosen = select_rows(windows, rng.choice(len(windows.n_items), args.rows, replace=False))
+        rows = chosen.sample[chosen.sample >= 0]
+        for name in clock:
+            start = time.process_time()
+            if name == "packed":
+                tokens = run(*packed_batcher.packed(samples, chosen))
+            else:
+                tokens = sum(run(*batcher(samples[rows[i : i + args.batch]])) for i in range(0, len(rows), args.batch))
+            if r:  # round 0 warms up
+                clock[name].append(time.process_time() - start)
+                counted[name][0] += len(rows)
+                counted[name][1] += tokens
+    rate = {name: counted[name][0] / sum(clock[name]) for name in clock}
+    print(f"SmolLM2 + LoRA on {device} in {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; {args.steps} rounds of "
+          f"{args.rows} packed rows (<= {cfg.pack_targets} targets each) vs the same samples in micro-batches of {args.batch}")
+    for name in clock:
+        print(f"{name:<11} {rate[name]:8.2f} supervised samples per CPU-s, {counted[name][1] / counted[name][0]:6.1f} tokens read per sample")
+    print(f"supervised samples/s packed vs per-sample: {rate['packed'] / rate['per-sample']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class TrainConfig:
     msl: bool = False  # masked softmax over the trie children (on whenever backbone is msl)
     msl_tau: float = 1.0
     epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (the schedule spans them); 0 = every step of every epoch
     micro_batch: int = 4
     grad_accum: int = 4
     lr: float = 1e-4
@@ -95,6 +96,8 @@ class TrainConfig:
         for key in ("epochs", "micro_batch", "grad_accum", "max_len", "valid_beams", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise TcaError(f"train.{key}: {getattr(self, key)} must be >= 1")
+        if self.max_steps < 0:
+            raise TcaError(f"train.max_steps: {self.max_steps} must be >= 0 (0 = no limit)")
         if self.eval_every < 0 or self.patience < 1:
             raise TcaError("train.eval_every must be >= 0 (0 = never) and train.patience >= 1")
         if not self.lr > 0 or not 0 <= self.warmup_ratio < 1:
@@ -208,6 +211,8 @@ class Trainer:
         self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # units per optimizer step, all ranks
         self.steps_per_epoch = math.ceil(self.n_units / self.step_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
@@ -382,12 +387,11 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum / n_target:.4f}", epoch=epoch + 1, refresh=False)
                 bar.update()
-            epoch_end = i + 1 == self.steps_per_epoch
-            if epoch_end and self.valid is not None and self.cfg.eval_every and (
-                    (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
+            epoch_end, last = i + 1 == self.steps_per_epoch, step + 1 == self.total_steps
+            if self.valid is not None and self.cfg.eval_every and (last or epoch_end and (epoch + 1) % self.cfg.eval_every == 0):
                 self.validate(epoch + 1)
                 window["time"] = time.perf_counter()  # tokens/s counts training only
-            if epoch_end or (step + 1) % self.cfg.checkpoint_every == 0:
+            if epoch_end or last or (step + 1) % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
