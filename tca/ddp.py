@@ -51,6 +51,14 @@ class World:
         return f"cuda:{self.local_rank}" if self.size > 1 and device == "cuda" else device
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank `rank`: seed + rank * 2**32. Rank 0 (and a single process) uses `seed`
+    itself; every rank gets its own stream (for seeds below 2**32), so LoRA dropout and LLaRA's
+    curriculum draw differently on each rank. The LoRA init drawn from it is rank 0's everywhere
+    (`sync_parameters`), and checkpoints keep each rank's RNG state, so a resumed run stays exact."""
+    return seed + rank * 2**32
+
+
 def init(world: World, device: str) -> None:
     """Join the process group (nccl on GPUs, gloo on the CPU); the launcher's MASTER_ADDR / MASTER_PORT rendezvous."""
     if world.size == 1 or torch.distributed.is_initialized():

@@ -154,9 +154,11 @@ class Trainer:
 
     def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
                  work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None,
-                 world: ddp.World = ddp.World()):
-        """`world`: this process's rank among data-parallel processes (all must pass the same other arguments)."""
+                 world: ddp.World = ddp.World(), valid_batch_size: int = EvalConfig.batch_size):
+        """`world`: this process's rank among data-parallel processes (all must pass the same other arguments).
+        `valid_batch_size`: samples per beam search in validation (the stage passes eval.batch_size)."""
         self.model, self.batcher, self.samples, self.valid, self.cfg = model, batcher, samples, valid, cfg
+        self.valid_batch_size = valid_batch_size
         self.work_dir, self.device, self.world = Path(work_dir), torch.device(device), world
         self.log = log if world.main else (lambda msg: None)
         self.progress = progress if world.main else None
@@ -275,7 +277,7 @@ class Trainer:
 
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
-        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl)
+        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl, batch_size=self.valid_batch_size)
         part = self.valid[ddp.split(self.valid.height, self.world)]
         items, scores = np.zeros((0, cfg.num_beams), np.int64), np.zeros((0, cfg.num_beams), np.float32)
         if part.height:

@@ -28,7 +28,8 @@ TITLES = ["Alien (1979)", "Alien", "Aliens (1986)", "Toy Story (1995)", "Toy Sto
 PARAMS = {
     "prompt": {"domain": "movies", "target_template": "{title}",
                "instruction": "Given the user's interaction history, recommend the {domain} the user is most likely to interact with next."},
-    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3},
+    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3, "precision": "fp32"},
+    "llm": {"attn_implementation": "sdpa"},
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
 }

@@ -17,15 +17,15 @@ SHOWN = 3  # samples `tca inspect eval` prints
 
 
 def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
-    """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id,
-    hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
+    """(model with the trained adapter merged in, in `eval.precision`, prompt builder, trie, titles indexed
+    by item id, hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
     (LLaRA, CoLLM: `adapter/hybrid.json`) gets its CF slots filled by `cf` (default: the cf stage's)."""
     import polars as pl
     from transformers import AutoTokenizer
 
     from tca.cf.registry import load_checkpoint
     from tca.hybrid_prompt import RECORD, HybridPrompt
-    from tca.llm import load_model
+    from tca.llm import load_model, use_bf16
     from tca.prompt import PromptBuilder, PromptConfig
     from tca.trie import Trie
 
@@ -33,8 +33,9 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     hybrid = None
     if (adapter / RECORD).exists():
         hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
-    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
-                       cf_dim=None if hybrid is None else hybrid.cf_dim)
+    bf16 = use_bf16(device, eval_config(params)[0].precision, "eval.precision")
+    model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True, bf16=bf16,
+                       cf_dim=None if hybrid is None else hybrid.cf_dim, attention=params["llm"]["attn_implementation"])
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
     items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
     titles = ["", *items["title"].to_list()]  # item ids are 1..N; 0 is padding
@@ -69,7 +70,7 @@ def run(ctx: StageContext) -> None:
         write(ctx, evaluate_sid(ctx, samples, cfg, cf, split, shard), split)
         return
     model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
-    ctx.log(f"{samples.height:,} {split} samples{shard}, "
+    ctx.log(f"{samples.height:,} {split} samples{shard}, {next(model.parameters()).dtype}, "
             f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:
