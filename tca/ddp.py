@@ -51,12 +51,16 @@ class World:
         return f"cuda:{self.local_rank}" if self.size > 1 and device == "cuda" else device
 
 
+GOLDEN = 0x9E3779B9  # odd, so rank -> rank * GOLDEN is one-to-one modulo 2**32
+
+
 def rank_seed(seed: int, rank: int) -> int:
-    """The torch seed of rank `rank`: seed + rank * 2**32. Rank 0 (and a single process) uses `seed`
-    itself; every rank gets its own stream (for seeds below 2**32), so LoRA dropout and LLaRA's
-    curriculum draw differently on each rank. The LoRA init drawn from it is rank 0's everywhere
-    (`sync_parameters`), and checkpoints keep each rank's RNG state, so a resumed run stays exact."""
-    return seed + rank * 2**32
+    """The torch seed of rank `rank`: (seed + rank * 0x9E3779B9) mod 2**32 (torch's CPU generator reads
+    only a seed's low 32 bits). Rank 0 (and a single process) uses `seed` itself (below 2**32); the
+    ranks of a run get distinct seeds, so LoRA dropout and LLaRA's curriculum draw differently on each.
+    The LoRA init drawn from it is rank 0's everywhere (`sync_parameters`), and checkpoints keep
+    each rank's RNG state, so a resumed run stays exact."""
+    return (seed + rank * GOLDEN) % 2**32
 
 
 def init(world: World, device: str) -> None:

@@ -226,8 +226,8 @@ def test_shard_ranges_tile_the_rows_in_whole_blocks(n, unit, count):
 
 
 def test_each_rank_draws_its_own_random_numbers():
-    """Rank r seeds torch with train.seed + r * 2**32 (tca.ddp.rank_seed): rank 0, as a single process,
-    with the seed itself; dropout masks of different ranks differ."""
+    """Rank r seeds torch with tca.ddp.rank_seed(train.seed, r): rank 0, as a single process, with the
+    seed itself; dropout masks of different ranks differ."""
     from tca.ddp import rank_seed
 
     assert rank_seed(42, 0) == 42 and len({rank_seed(s, r) for s in (0, 1, 42) for r in range(8)}) == 24
