@@ -138,6 +138,20 @@ def test_eval_params_are_checked():
         eval_stage.eval_config({"eval": {**PARAMS["eval"], "beams": 3}})
     with pytest.raises(TcaError, match="eval.num_beams"):
         eval_stage.eval_config({"eval": {**PARAMS["eval"], "num_beams": 0}})
+    with pytest.raises(TcaError, match="eval.precision: 'fp16' is not one of auto, bf16, fp32"):
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "precision": "fp16"}})
+
+
+def test_auto_precision_asks_the_gpu(monkeypatch):
+    """`auto` is bf16 on a GPU only where it supports bf16 (a V100 or T4 does not), whatever "cuda" says."""
+    from tca.llm import use_bf16
+
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert use_bf16("cuda", "auto", "eval.precision") is supported and use_bf16("cuda:1") is supported
+    assert use_bf16("cuda", "fp32") is False and use_bf16("cpu", "bf16") is True
+    with pytest.raises(TcaError, match="eval.precision"):
+        use_bf16("cpu", "half", "eval.precision")
 
 
 def test_recommend_by_titles_and_by_user(artifacts, monkeypatch):

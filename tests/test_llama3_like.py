@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from test_scale import TITLES, lock_as_run, samples
 
 import cli
+import tca.train
 from pipeline.context import StageContext
 from pipeline.runner import Project
 from pipeline.stages import model as model_stage
@@ -83,10 +84,11 @@ def project(tmp_path_factory, llama3_like_dir):
     save_checkpoint(build(CFConfig(hidden=8, blocks=1, max_len=4), len(TITLES)).eval(), art / "cf" / "model.pt")
     (art / "cf" / "metrics.json").write_text("{}\n")
 
-    built = []
-    build_prompts = PromptBuilder.build
+    built, validations = [], []
+    build_prompts, validate = PromptBuilder.build, tca.train.recommend
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PromptBuilder, "build", lambda self, *a: built.append(build_prompts(self, *a)) or built[-1])
+        patch.setattr(tca.train, "recommend", lambda *a, **k: validations.append(a[4]) or validate(*a, **k))
         proj = Project(root, device="cpu")
         lock_as_run(proj, ["data", "subset"])
         proj.run(["model", "text_emb", "profiles"], log=lambda msg: None)
@@ -96,6 +98,7 @@ def project(tmp_path_factory, llama3_like_dir):
 
         text = recommend(proj, [TITLES[2], TITLES[5]], None, 3)
     assert not proj.status()
+    assert [cfg.batch_size for cfg in validations] == [PARAMS["eval"]["batch_size"]]  # validation decodes eval.batch_size samples at once
     return root, built, text
 
 
