@@ -28,11 +28,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (2 sha
 import argparse
 import importlib.util
 import json
+import sys
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: `bench.train_step`, and tca/ without an install
 
 import numpy as np
 import polars as pl
