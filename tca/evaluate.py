@@ -17,6 +17,7 @@ from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
 from tca.hybrid_prompt import HybridPrompt
+from tca.llm import PRECISIONS
 from tca.metrics import KS, bootstrap_interval, list_ranks, per_sample_metrics, ranking_metrics, target_ranks
 from tca.prompt import PromptBuilder
 from tca.ragged import pad
@@ -34,6 +35,7 @@ class EvalConfig:
     renormalize: bool = False  # log-probs of a softmax over the trie children only (the right choice for MSL)
     batch_size: int = 16  # samples per beam search (each holds up to num_beams rows of the model's batch)
     exclude_history: bool = False  # no sample is recommended an item of its history (the LLM's lists and the CF / popularity ranks)
+    precision: str = "auto"  # the merged model's weights: auto (bf16 where supported, `tca.llm.use_bf16`) | bf16 | fp32
 
     @classmethod
     def from_params(cls, params: dict) -> "EvalConfig":
@@ -44,6 +46,8 @@ class EvalConfig:
         for key in ("num_beams", "batch_size"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"eval.{key}: {getattr(cfg, key)} must be >= 1")
+        if cfg.precision not in PRECISIONS:
+            raise TcaError(f"eval.precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
         return cfg
 
 
@@ -122,7 +126,8 @@ def evaluate(model, builder: PromptBuilder, trie: Trie, samples: pl.DataFrame, c
     seconds = time.perf_counter() - start
     result = score_lists(items, scores, samples, cf, popularity, cfg.exclude_history)
     result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
-                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device)}
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device),
+                                "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return result
 
 

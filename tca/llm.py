@@ -37,46 +37,83 @@ class LoraSettings:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # llm.attn_implementation: transformers' names
 
 
-def use_bf16(device: str | torch.device, precision: str = "auto") -> bool:
-    """Whether to compute in bf16: `auto` picks it on a GPU and on CPUs with native bf16 instructions
-    (AVX512-BF16, AMX), where its matmuls run 2-3x faster than fp32 ones; elsewhere fp32."""
+def use_bf16(device: str | torch.device, precision: str = "auto", param: str = "train.precision") -> bool:
+    """Whether to compute in bf16: `auto` picks it on a GPU that supports it (Ampere and later:
+    `torch.cuda.is_bf16_supported()`) and on CPUs with native bf16 instructions (AVX512-BF16, AMX),
+    where its matmuls run 2-3x faster than fp32 ones; elsewhere fp32. `param` names the setting in errors."""
     if precision not in PRECISIONS:
-        raise TcaError(f"train.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise TcaError(f"{param}: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision == "bf16"
     if torch.device(device).type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:
+    """`llm.attn_implementation` is one this device, dtype and Python can run (a clear error if not)."""
+    if name not in ATTENTION:
+        raise TcaError(f"llm.attn_implementation: {name!r} is not one of {', '.join(ATTENTION)}")
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise TcaError("llm.attn_implementation=flash_attention_2 needs the flash-attn package "
+                       "(`pip install flash-attn --no-build-isolation`, CUDA only); or use sdpa")
+    if torch.device(device).type != "cuda" or not bf16:
+        raise TcaError(f"llm.attn_implementation=flash_attention_2 runs on a GPU in bf16 only (here: {device}, "
+                       f"{'bf16' if bf16 else 'fp32'}); use sdpa or set the precision to bf16")
+
+
 def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "cpu", lora: LoraSettings | None = None,
-               merge: bool = False, bf16: bool = False, cf_dim: int | None = None, full: bool = False):
-    """The base model from an HF dir (`model` stage), on `device`, in eval mode, its weights in bf16 or fp32.
+               merge: bool = False, bf16: bool = False, cf_dim: int | None = None, attention: str = "sdpa",
+               full: bool = False):
+    """The base model from an HF dir (`model` stage: one safetensors file or shards), in eval mode, its
+    weights read straight onto `device` in bf16 or fp32 (never a full fp32 copy in host memory first).
+
+    - `adapter_dir`, `lora`, `merge`, `cf_dim`: see `prepare`.
+    - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
+    - `attention`: transformers' attention implementation for training and prompts (`ATTENTION`);
+      the beam search swaps in its own (`tca.beam_attention`) while it decodes.
+    On CUDA, fp32 matmuls (the LoRA weights, an fp32 model) run on TF32 tensor cores.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if full and (adapter_dir is not None or lora is not None):
+        raise ValueError("full fine-tuning takes neither an adapter nor a LoRA config")
+    check_attention(attention, device, bf16)
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32,
+                                                 device_map=torch.device(device), attn_implementation=attention)
+    if full:
+        return model.requires_grad_(True).eval()
+    return prepare(model, adapter_dir, lora, merge, cf_dim)
+
+
+def prepare(model, adapter_dir: Path | None = None, lora: LoraSettings | None = None, merge: bool = False,
+            cf_dim: int | None = None):
+    """A built base model (`load_model`'s, or one initialised from a config: bench/gpu.py) in eval mode, with:
 
     - `adapter_dir`: a saved LoRA adapter on top (for inference; `merge=True` folds it into the weights).
     - `lora`: a fresh trainable LoRA instead (for training; seed torch first for a reproducible init).
     - `cf_dim`: the model also carries the hybrid prompts' projector from CF vectors of this size
       (`tca.hybrid_prompt`), trained, saved and loaded with the LoRA weights (peft's `modules_to_save`).
-    - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
     Only the LoRA weights (and the projector) are trainable in the returned peft model; they stay fp32
-    (peft's default), so train under `torch.autocast(..., dtype=torch.bfloat16)` when `bf16`.
+    (peft's default), so train under `torch.autocast(..., dtype=torch.bfloat16)` when the model is bf16.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     if adapter_dir is not None and lora is not None:
         raise ValueError("pass either adapter_dir (a trained adapter) or lora (a fresh one), not both")
-    if full and (adapter_dir is not None or lora is not None):
-        raise ValueError("full fine-tuning takes neither an adapter nor a LoRA config")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32).to(device)
-    if full:
-        return model.requires_grad_(True).eval()
     if cf_dim is not None:
-        model.add_module(PROJECTOR, Projector(cf_dim, model.config.hidden_size).to(device))
+        model.add_module(PROJECTOR, Projector(cf_dim, model.config.hidden_size).to(model.device))
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merge:

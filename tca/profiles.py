@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tca.prompt import pad_id
 from tca.ragged import pad
 
 ITEM_PROMPT = "In one short sentence, describe the kind of person who would enjoy the {domain} \"{title}\"."
@@ -36,16 +37,16 @@ def generate(prompts: list[str], model, tokenizer, max_new_tokens: int = 24, bat
     ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = pad_id(tokenizer)
     out: list[str] = [""] * len(prompts)
     model = model.to(device).eval()
     for begin in range(0, len(order), batch_size):
         rows = order[begin : begin + batch_size]
         flat = np.concatenate([np.asarray(ids[r], dtype=np.int64) for r in rows])
-        batch = torch.from_numpy(pad(flat, lengths[rows], pad_id, left=True)).to(device)
+        batch = torch.from_numpy(pad(flat, lengths[rows], fill, left=True)).to(device)
         mask = (torch.arange(batch.shape[1], device=device)[None, :] >= batch.shape[1] - torch.from_numpy(lengths[rows]).to(device)[:, None]).long()
         gen = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=fill, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(gen[:, batch.shape[1] :], skip_special_tokens=True)
         for r, text in zip(rows, texts):
             out[r] = " ".join(text.split())

@@ -6,6 +6,10 @@ gathering piece ranges (no tokenizer call and no Python loop per sample). Traini
 evaluation and `tca recommend` all build prompts here, so the ids the LLM sees never differ
 between them; targets (`tca.trie.target_ids`) are appended as ids, never as text.
 
+Every prompt starts with the tokenizer's BOS where the tokenizer itself puts one before a text
+(Llama-3's `<|begin_of_text|>`: the models saw it first in pretraining); a tokenizer that declares a
+BOS but never adds it (SmolLM2's `<|im_start|>`, a chat-role marker) or has none (Qwen2.5) gets none.
+
 Hybrid prompts (LLaRA, CoLLM: `tca.hybrid_prompt`) add CF embedding slots to the same template: a
 slot is a placeholder token that ends an item's piece (after its title) or sits in the tail (the
 user), so `build` and `fit` count and place slots like any other token.
@@ -47,12 +51,31 @@ class Prompts:
         return np.split(self.ids, np.cumsum(self.lengths)[:-1])
 
 
+def pad_id(tokenizer) -> int:
+    """The id of filler positions (right padding of training batches, hybrid prompts' slots): the
+    tokenizer's pad token, else its EOS (Llama-3 has no pad token). Such positions are never
+    attended (padding) or show another embedding (slots), and losses are taken at explicit target
+    positions, never by matching this id, so any id works; it only has to be a valid one."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    raise TcaError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token: the model stage's tokenizer needs an EOS "
+                   "(targets end with it)")
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """[BOS] if the tokenizer puts its BOS before a text itself (add_special_tokens=True), else []."""
+    bos = tokenizer.bos_token_id
+    lead = tokenizer("a")["input_ids"][:1]
+    return [int(bos)] if bos is not None and lead == [bos] else []
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, titles: list[str], cfg: PromptConfig = PromptConfig(), slots: tuple[str, ...] = (),
                  targets: list | None = None):
         """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
-        "item" puts a CF slot after each history title, "user" one after the history (its ids are
-        the pad token's; `tca.hybrid_prompt` replaces their input embeddings).
+        "item" puts a CF slot after each history title, "user" one after the history (their ids are
+        `pad_id`'s; `tca.hybrid_prompt` replaces their input embeddings).
 
         `targets` (the items format of packed training, `tca.packing`): `targets[i]` is item i's
         target ids (title + EOS, as the trie has them); every history item is then written as its target
@@ -82,7 +105,9 @@ class PromptBuilder:
         user_lead = pieces.pop()
         self.n_items = len(titles)
         self.HEAD, self.SEP, self.TAIL = self.n_items, self.n_items + 1, self.n_items + 2
-        slot_id = tokenizer.pad_token_id
+        self.bos = bos_ids(tokenizer)
+        pieces[self.HEAD] = [*self.bos, *pieces[self.HEAD]]
+        self.pad_id = slot_id = pad_id(tokenizer)
         if "user" in slots:  # the tail opens with the user's feature: text, then its slot
             pieces[self.TAIL] = [*user_lead, slot_id, *pieces[self.TAIL]]
         self.slots = tuple(slots)

@@ -185,11 +185,13 @@ class Trainer:
 
     def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
                  work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None,
-                 world: ddp.World = ddp.World(), exclude_history: bool = False):
+                 world: ddp.World = ddp.World(), valid_batch_size: int = EvalConfig.batch_size, exclude_history: bool = False):
         """`world`: this process's rank among data-parallel processes (all must pass the same other arguments).
+        `valid_batch_size`: samples per beam search in validation (the stage passes eval.batch_size);
         `exclude_history`: validation decodes as the eval stage does with `eval.exclude_history`."""
         self.exclude_history = exclude_history
         self.model, self.batcher, self.samples, self.valid, self.cfg = model, batcher, samples, valid, cfg
+        self.valid_batch_size = valid_batch_size
         self.work_dir, self.device, self.world = Path(work_dir), torch.device(device), world
         self.log = log if world.main else (lambda msg: None)
         self.progress = progress if world.main else None
@@ -334,7 +336,8 @@ class Trainer:
 
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
-        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl, exclude_history=self.exclude_history)
+        cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl, batch_size=self.valid_batch_size,
+                         exclude_history=self.exclude_history)
         part = self.valid[ddp.split(self.valid.height, self.world)]
         items, scores = np.zeros((0, cfg.num_beams), np.int64), np.zeros((0, cfg.num_beams), np.float32)
         if part.height:

@@ -82,3 +82,23 @@ def tiny_model_dir(tiny_llama, tokenizer, tmp_path_factory) -> Path:
     tiny_llama(seed=0).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama3_like_dir(tiny_llama, pytestconfig, tokenizer, tmp_path_factory) -> Path:
+    """A base as Llama-3 ships it, tiny: ``tiny_llama(seed=0)`` saved in shards
+    (model.safetensors.index.json + 4 files) with a tokenizer that has no pad token and puts its
+    BOS (here ``<|im_start|>``, id 1) before every text. Shared and read-only."""
+    from tokenizers.processors import TemplateProcessing
+
+    out = tmp_path_factory.mktemp("llama3_like") / "base"
+    model = tiny_llama(seed=0, pad_token_id=None)
+    model.save_pretrained(out, max_shard_size="1MB")
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)  # a private copy to change
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    tok.pad_token = None
+    tok.save_pretrained(out)
+    return out

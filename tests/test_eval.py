@@ -28,7 +28,9 @@ TITLES = ["Alien (1979)", "Alien", "Aliens (1986)", "Toy Story (1995)", "Toy Sto
 PARAMS = {
     "prompt": {"domain": "movies", "target_template": "{title}",
                "instruction": "Given the user's interaction history, recommend the {domain} the user is most likely to interact with next."},
-    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3, "exclude_history": False},
+    "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3, "precision": "fp32",
+             "exclude_history": False},
+    "llm": {"attn_implementation": "sdpa"},
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
 }
@@ -157,6 +159,20 @@ def test_eval_params_are_checked(artifacts):
     train = pl.read_parquet(data / "train.parquet")
     repeats = train.select(pl.col("history").list.contains(pl.col("item_id")).any()).item()
     assert eval_stage.eval_config({"eval": {**PARAMS["eval"], "exclude_history": "auto"}}, data)[0].exclude_history is (not repeats)
+    with pytest.raises(TcaError, match="eval.precision: 'fp16' is not one of auto, bf16, fp32"):
+        eval_stage.eval_config({"eval": {**PARAMS["eval"], "precision": "fp16"}}, data)
+
+
+def test_auto_precision_asks_the_gpu(monkeypatch):
+    """`auto` is bf16 on a GPU only where it supports bf16 (a V100 or T4 does not), whatever "cuda" says."""
+    from tca.llm import use_bf16
+
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert use_bf16("cuda", "auto", "eval.precision") is supported and use_bf16("cuda:1") is supported
+    assert use_bf16("cuda", "fp32") is False and use_bf16("cpu", "bf16") is True
+    with pytest.raises(TcaError, match="eval.precision"):
+        use_bf16("cpu", "half", "eval.precision")
 
 
 def test_recommend_by_titles_and_by_user(artifacts, monkeypatch):

@@ -349,7 +349,7 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
     params["tca"]["cf_source"] = "uniform"
     params["train"] |= {"backbone": "llara", "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5,
                         "valid_metric": "hr@5", "log_every": 1, "precision": "fp32"}
-    params["eval"] |= {"num_beams": 5, "batch_size": 2}
+    params["eval"] |= {"num_beams": 5, "batch_size": 2, "precision": "fp32"}
     artifacts = tmp_path / "artifacts"
     for name in ("data", "subset", "cf"):
         (artifacts / name).mkdir(parents=True)

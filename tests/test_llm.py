@@ -103,3 +103,19 @@ def test_load_model_with_fresh_and_saved_lora(tiny_model_dir, tmp_path, world):
         load_model(tiny_model_dir, lora=LoraSettings(target_modules=("no_such_proj",)))
     with pytest.raises(TcaError, match="lora.rank"):
         LoraSettings.from_params({"rank": 8})
+
+
+def test_attention_implementation_and_dtype(tiny_model_dir, monkeypatch):
+    """`llm.attn_implementation` reaches the model, which loads in the asked dtype; flash-attention is
+    refused with what to do where it cannot run."""
+    import importlib.util
+
+    model = load_model(tiny_model_dir, bf16=True, attention="eager")
+    assert model.config._attn_implementation == "eager" and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(TcaError, match="llm.attn_implementation: 'flash' is not one of sdpa, eager, flash_attention_2"):
+        load_model(tiny_model_dir, attention="flash")
+    real_find_spec = importlib.util.find_spec
+    for installed, message in ((False, "needs the flash-attn package"), (True, "runs on a GPU in bf16 only")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: installed or None if name == "flash_attn" else real_find_spec(name))
+        with pytest.raises(TcaError, match=message):
+            load_model(tiny_model_dir, bf16=True, attention="flash_attention_2")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tca.errors import TcaError
-from tca.prompt import PromptBuilder, PromptConfig
+from tca.prompt import PromptBuilder, PromptConfig, bos_ids, pad_id
 
 TITLES = ["<pad>", "Toy Story (1995)", "Fargo (1996)", "Amélie (2001)", 'Léon: "The Professional" (1994)']
 
@@ -39,3 +39,25 @@ def test_bad_ids_and_templates(tokenizer):
         PromptBuilder(tokenizer, TITLES).build(np.array([5]), np.array([1]))
     with pytest.raises(TcaError, match="prompt.instruction"):
         PromptBuilder(tokenizer, TITLES, PromptConfig(instruction="{user}"))
+
+
+def test_bos_where_the_tokenizer_adds_it_and_pad_falls_back_to_eos(tokenizer, llama3_like_dir):
+    """A Llama-3-like tokenizer (no pad token, BOS before every text) gets BOS first in every prompt and
+    EOS as its filler id; SmolLM2's declares <|im_start|> as BOS but never adds it, so its prompts have none."""
+    from transformers import AutoTokenizer
+
+    llama3 = AutoTokenizer.from_pretrained(llama3_like_dir)
+    assert llama3.pad_token_id is None and bos_ids(llama3) == [1] and pad_id(llama3) == llama3.eos_token_id == 2
+    assert tokenizer.bos_token_id == 1 and bos_ids(tokenizer) == [] and pad_id(tokenizer) == tokenizer.pad_token_id == 2
+    histories = [[1, 2, 3], [4], [], [2, 2, 1, 4, 3]]
+    flat, lengths = np.array([i for h in histories for i in h]), np.array([len(h) for h in histories])
+    for slots in ((), ("user", "item")):
+        plain, first = (PromptBuilder(t, TITLES, slots=slots).build(flat, lengths) for t in (tokenizer, llama3))
+        assert [r.tolist() for r in first.rows()] == [[1, *r.tolist()] for r in plain.rows()]
+        np.testing.assert_array_equal(first.item_end, plain.item_end + 1)
+        if slots:
+            assert (first.ids[first.slot != 0] == 2).all() and (first.slot != 0).sum() == (plain.slot != 0).sum()
+    builder = PromptBuilder(llama3, TITLES)
+    full = builder.build(flat, lengths).lengths  # the BOS counts toward the budget: one token less drops the oldest item
+    assert builder.fit(flat, lengths, full)[1].tolist() == lengths.tolist()
+    assert builder.fit(flat, lengths, full - (lengths > 0))[1].tolist() == [2, 0, 0, 4]

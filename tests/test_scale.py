@@ -223,3 +223,16 @@ def test_shard_ranges_tile_the_rows_in_whole_blocks(n, unit, count):
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(hi == lo2 and lo < hi and lo % unit == 0 for (lo, hi), (lo2, _) in zip(ranges, ranges[1:] + [(n, 0)]))
     assert StageContext("s", {}, Path(), Path()).shard_range(n, unit) == (0, n)
+
+
+def test_each_rank_draws_its_own_random_numbers():
+    """Rank r seeds torch with tca.ddp.rank_seed(train.seed, r): rank 0, as a single process, with the
+    seed itself; dropout masks of different ranks differ."""
+    from tca.ddp import rank_seed
+
+    assert rank_seed(42, 0) == 42 and len({rank_seed(s, r) for s in (0, 1, 42) for r in range(8)}) == 24
+    masks = []
+    for rank in range(3):
+        torch.manual_seed(rank_seed(42, rank))
+        masks.append(torch.nn.functional.dropout(torch.ones(256), 0.5))
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])

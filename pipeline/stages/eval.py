@@ -17,13 +17,13 @@ SHOWN = 3  # samples `tca inspect eval` prints
 
 
 def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
-    """(model with the trained adapter merged in, prompt builder, trie, titles indexed by item id,
-    hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
+    """(model with the trained adapter merged in, in `eval.precision`, prompt builder, trie, titles indexed
+    by item id, hybrid prompt or None) from the artifacts of upstream stages. An adapter of a hybrid backbone
     (LLaRA, CoLLM: `adapter/hybrid.json`) gets its CF slots filled by `cf` (default: the cf stage's)."""
     from pipeline.stages.train import load_builder, read_format
     from tca.cf.registry import load_checkpoint
     from tca.hybrid_prompt import RECORD, HybridPrompt
-    from tca.llm import load_model
+    from tca.llm import load_model, use_bf16
     from tca.trie import Trie
 
     adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
@@ -31,11 +31,13 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     hybrid = None
     if (adapter / RECORD).exists():
         hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
+    bf16 = use_bf16(device, eval_config(params, artifacts / "data")[0].precision, "eval.precision")
+    attention = params["llm"]["attn_implementation"]
     if fmt["finetune"] == "full":  # the adapter dir holds the whole fine-tuned model
-        model = load_model(adapter, device=device)
+        model = load_model(adapter, device=device, bf16=bf16, attention=attention)
     else:
-        model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
-                           cf_dim=None if hybrid is None else hybrid.cf_dim)
+        model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True, bf16=bf16,
+                           cf_dim=None if hybrid is None else hybrid.cf_dim, attention=attention)
     builder, _, _ = load_builder(artifacts, params, fmt["packing"], () if hybrid is None else hybrid.slots)
     titles = builder.titles  # item ids are 1..N; 0 is padding
     return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles, hybrid
@@ -80,7 +82,7 @@ def run(ctx: StageContext) -> None:
         write(ctx, evaluate_sid(ctx, samples, cfg, cf, split, shard), split)
         return
     model, builder, trie, _, hybrid = load_recommender(ctx.artifacts, ctx.params, ctx.device, cf)
-    ctx.log(f"{samples.height:,} {split} samples{shard}, "
+    ctx.log(f"{samples.height:,} {split} samples{shard}, {next(model.parameters()).dtype}, "
             f"{cfg.num_beams} beams, {'adapter ' + str(adapter) if adapter.is_dir() else 'no adapter: the base model'}"
             f"{'' if hybrid is None else ' (' + hybrid.backbone + ' prompts)'}, device {ctx.device}")
     with ctx.progress(total=samples.height, desc=f"beam search ({split})", unit="sample") as bar:

@@ -23,17 +23,20 @@ import numpy as np
 from pipeline.context import StageContext
 
 DISTRIBUTED = True
-PARAMS = ("train", "lora", "tca.alpha", "prompt", "eval.exclude_history")
+PARAMS = ("train", "lora", "tca.alpha", "prompt", "llm.attn_implementation", "eval.batch_size", "eval.exclude_history")
 FORMAT_RECORD = "format.json"  # in adapter/: the prompt format it was trained with (train.packing) and what it holds (train.finetune)
 SID_RECORD = "sid.json"  # in adapter/ of tiger / letter: the whole T5 is there (trained from scratch), and how it reads histories
-INPUTS = ("model/model.safetensors", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
+INPUTS = ("model/config.json", "subset/train.parquet", "subset/valid.parquet", "trie/trie.npz",
           "trie/items.parquet", "cf_dist/dist.zarr/zarr.json", "data/items.parquet", "cf/model.pt")
 
 
 def resume_dir(ctx: StageContext) -> Path:
     """Where an interrupted run with these params and inputs left its checkpoint."""
+    from tca.base_model import weight_files
+
     stats = {}
-    for name in INPUTS:
+    weights = [path.relative_to(ctx.artifacts).as_posix() for path in weight_files(ctx.artifacts / "model")]
+    for name in (*INPUTS, *weights):
         path = ctx.artifacts / name
         stats[name] = [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else None
     doc = json.dumps({"params": {key: ctx.param(key) for key in PARAMS}, "inputs": stats}, sort_keys=True, default=str)
@@ -70,7 +73,7 @@ def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
     builder, targets, tokenizer = load_builder(artifacts, params, cfg.packing, () if hybrid is None else hybrid.slots)
     trie = Trie.load(artifacts / "trie" / "trie.npz")
     dist = DistReader(artifacts / "cf_dist" / "dist.zarr", trie) if cfg.loss_config.uses_q else None
-    return Batcher(builder, targets, trie, dist, cfg.loss_config, cfg.max_len, tokenizer.pad_token_id, hybrid)
+    return Batcher(builder, targets, trie, dist, cfg.loss_config, cfg.max_len, builder.pad_id, hybrid)
 
 
 def read_format(adapter: Path) -> dict:
@@ -108,17 +111,19 @@ def run(ctx: StageContext) -> None:
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
     valid = pl.read_parquet(ctx.input("subset") / "valid.parquet", columns=columns) if cfg.eval_every else None
 
-    torch.manual_seed(cfg.seed)  # the LoRA (and projector) init and the dropout (and curriculum) draws
+    torch.manual_seed(ddp.rank_seed(cfg.seed, world.rank))  # the LoRA (and projector) init and the dropout (and curriculum) draws
     bf16 = use_bf16(ctx.device, cfg.precision)
     model = load_model(ctx.input("model"), device=ctx.device, lora=None if cfg.finetune == "full" else lora, bf16=bf16,
-                       cf_dim=None if hybrid is None else hybrid.cf_dim, full=cfg.finetune == "full")
+                       cf_dim=None if hybrid is None else hybrid.cf_dim, full=cfg.finetune == "full",
+                       attention=ctx.param("llm.attn_implementation"))
     work = resume_dir(ctx)
     log(f"device {ctx.device}, {'bf16' if bf16 else 'fp32'}; checkpoints in {work}"
         + (f"; rank 0 of {world.size}: {world.size} x {cfg.micro_batch} x {cfg.grad_accum} samples per step" if world.size > 1 else ""))
     from pipeline.stages.data import resolve_exclude_history
 
     exclude = resolve_exclude_history(ctx.param("eval.exclude_history"), ctx.input("data"), "eval.exclude_history")
-    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress, world, exclude).run()
+    result = Trainer(model, batcher, samples, valid, cfg, work, ctx.device, ctx.log, ctx.progress, world,
+                     valid_batch_size=ctx.param("eval.batch_size"), exclude_history=exclude).run()
     if not world.main:
         return
     shutil.move(work / "adapter", ctx.out / "adapter")
