@@ -33,11 +33,13 @@ class EvalConfig:
     length_penalty: float = 1.0  # HF's: a title's score is its summed log-prob / length ** length_penalty
     renormalize: bool = False  # log-probs of a softmax over the trie children only (the right choice for MSL)
     batch_size: int = 16  # samples per beam search (each holds up to num_beams rows of the model's batch)
+    tau: float = 1.0  # temperature of the renormalized softmax: not an eval param, the model's (LossConfig.decode_tau)
 
     @classmethod
-    def from_params(cls, params: dict) -> "EvalConfig":
+    def from_params(cls, params: dict, tau: float = 1.0) -> "EvalConfig":
+        """`tau`: the temperature the model was trained with (MSL's train.msl_tau; 1 otherwise)."""
         check_keys(cls, params, "eval", also=("split",))
-        cfg = cls(**params)
+        cfg = cls(**params, tau=tau)
         for key in ("num_beams", "batch_size"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"eval.{key}: {getattr(cfg, key)} must be >= 1")
@@ -68,7 +70,7 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
             batch = histories.gather(rows)
             prompts = builder.build(batch.explode().drop_nulls().to_numpy(), lengths[rows])
             vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), batch)
-            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors)
+            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors, cfg.tau)
             items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams)
             if bar is not None:
                 bar.update(len(rows))

@@ -43,15 +43,18 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
 
 
 def eval_config(params: dict):
-    """The EvalConfig and the split of the `eval:` section."""
+    """The EvalConfig and the split of the `eval:` section; a renormalized search uses the temperature
+    the model was trained with (MSL's train.msl_tau)."""
     from tca.errors import TcaError
     from tca.evaluate import EvalConfig
+    from tca.train import TrainConfig
 
     section = dict(params["eval"])
     split = section.pop("split", "test")
     if split not in SPLITS:
         raise TcaError(f"eval.split: {split!r} is not a subset split; use one of {', '.join(SPLITS)}")
-    return EvalConfig.from_params(section), split
+    tau = TrainConfig.from_params(params["train"], params["tca"]["alpha"]).loss_config.decode_tau
+    return EvalConfig.from_params(section, tau), split
 
 
 def run(ctx: StageContext) -> None:
