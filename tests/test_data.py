@@ -47,6 +47,9 @@ def reference(interactions, items, cfg):
             title_of[raw] = title
     key_of = {raw: title if cfg.merge_duplicate_titles else raw for raw, title in title_of.items()}
     events = {(user, key_of[item], t) for user, item, t in interactions if item in key_of}
+    if events and cfg.max_months:
+        newest = max(t for _, _, t in events)
+        events = {e for e in events if e[2] > newest - cfg.max_months * 30 * 24 * 3600}
     events = brute_kcore(events, cfg.min_item_interactions, cfg.min_user_interactions)
     order = sorted(events, key=lambda e: (e[2], e[0], e[1]))
     user_id, item_id = {}, {}
@@ -86,10 +89,11 @@ def test_kcore_matches_brute_force(rows, min_item, min_user):
 
 
 def random_raw(seed: int) -> tuple[list, list]:
-    """Small data with timestamp ties, exact duplicates, shared titles, a placeholder and an untitled item."""
+    """Small data with timestamp ties, exact duplicates, shared titles, a placeholder and an untitled
+    item, over ~10 months (times are multiples of 10 days)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(40, 160))
-    interactions = [(f"u{rng.integers(0, 12):02d}", f"i{rng.integers(0, 14):02d}", int(rng.integers(0, 30)))
+    interactions = [(f"u{rng.integers(0, 12):02d}", f"i{rng.integers(0, 14):02d}", int(rng.integers(0, 30)) * 864_000)
                     for _ in range(n)]
     interactions += interactions[:5]  # exact duplicates
     names = ["Alpha", "Beta", "Gamma", "Alpha", "Delta", "unknown", "Eps", "Beta", "Zeta", "Eta", "Theta", "Iota",
@@ -99,12 +103,12 @@ def random_raw(seed: int) -> tuple[list, list]:
 
 
 @given(seed=st.integers(0, 10**6), merge=st.booleans(), min_history=st.integers(1, 4),
-       history_len=st.integers(1, 4))
+       history_len=st.integers(1, 4), max_months=st.sampled_from([0, 2, 5, 9]))
 @settings(max_examples=40, deadline=None)
-def test_build_matches_python_reference(seed, merge, min_history, history_len):
+def test_build_matches_python_reference(seed, merge, min_history, history_len, max_months):
     interactions, items = random_raw(seed)
     cfg = DataConfig(merge_duplicate_titles=merge, min_item_interactions=2, min_user_interactions=3,
-                     min_history=min_history, history_len=history_len)
+                     min_history=min_history, history_len=history_len, max_months=max_months)
     raw = RawData(pl.DataFrame(interactions, schema=["user", "item", "timestamp"], orient="row"),
                   pl.DataFrame(items, schema=["raw_id", "title"], orient="row"))
     want = reference(interactions, items, cfg)
@@ -284,6 +288,7 @@ def test_unknown_source(spec):
 @pytest.mark.parametrize("params, match", [
     (dict(on_bad_line="ignore"), r"data\.on_bad_line must be one of error, skip"),
     (dict(min_history=0), r"data\.min_history must be a positive integer"),
+    (dict(max_months=-1), r"data\.max_months must be an integer >= 0"),
 ])
 def test_bad_params(params, match):
     with pytest.raises(TcaError, match=match):
