@@ -36,10 +36,9 @@ class EvalConfig:
     tau: float = 1.0  # temperature of the renormalized softmax: not an eval param, the model's (LossConfig.decode_tau)
 
     @classmethod
-    def from_params(cls, params: dict, tau: float = 1.0) -> "EvalConfig":
-        """`tau`: the temperature the model was trained with (MSL's train.msl_tau; 1 otherwise)."""
+    def from_params(cls, params: dict) -> "EvalConfig":
         check_keys(cls, params, "eval", also=("split",))
-        cfg = cls(**params, tau=tau)
+        cfg = cls(**params)
         for key in ("num_beams", "batch_size"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"eval.{key}: {getattr(cfg, key)} must be >= 1")

@@ -29,9 +29,20 @@ DEFAULT_INSTRUCTION = (
 
 @dataclass(frozen=True)
 class PromptConfig:
+    """The prompt is instruction, before_history, the quoted history titles joined by ", ", after_history."""
+
     domain: str = "movies"  # the paper's word per dataset: movies, toys, sports products, office products
     target_template: str = "{title}"
     instruction: str = DEFAULT_INSTRUCTION
+    before_history: str = "\nUser interaction history: "
+    after_history: str = "\nThe {domain} the user is most likely to interact with next:\n"
+
+    def text(self, name: str) -> str:
+        """The template `name` with the domain filled in."""
+        try:
+            return getattr(self, name).format(domain=self.domain)
+        except (KeyError, IndexError, ValueError) as err:
+            raise TcaError(f"prompt.{name}: {getattr(self, name)!r} may only use the field {{domain}} ({err})") from err
 
 
 @dataclass
@@ -52,13 +63,9 @@ class PromptBuilder:
         """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
         "item" puts a CF slot after each history title, "user" one after the history (its ids are
         the pad token's; `tca.hybrid_prompt` replaces their input embeddings)."""
-        try:
-            head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "
-        except (KeyError, IndexError) as err:
-            raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
+        head, tail = cfg.text("instruction") + cfg.text("before_history"), cfg.text("after_history")
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
-        tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"
         texts = [f'"{t}"' for t in titles] + [head, ", ", tail, USER_SLOT_TEXT]
         pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
         user_lead = pieces.pop()

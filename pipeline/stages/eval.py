@@ -45,6 +45,8 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
 def eval_config(params: dict):
     """The EvalConfig and the split of the `eval:` section; a renormalized search uses the temperature
     the model was trained with (MSL's train.msl_tau)."""
+    from dataclasses import replace
+
     from tca.errors import TcaError
     from tca.evaluate import EvalConfig
     from tca.train import TrainConfig
@@ -53,8 +55,8 @@ def eval_config(params: dict):
     split = section.pop("split", "test")
     if split not in SPLITS:
         raise TcaError(f"eval.split: {split!r} is not a subset split; use one of {', '.join(SPLITS)}")
-    tau = TrainConfig.from_params(params["train"], params["tca"]["alpha"]).loss_config.decode_tau
-    return EvalConfig.from_params(section, tau), split
+    cfg = EvalConfig.from_params(section)
+    return replace(cfg, tau=TrainConfig.from_params(params["train"], params["tca"]["alpha"]).loss_config.decode_tau), split
 
 
 def run(ctx: StageContext) -> None:
