@@ -185,7 +185,7 @@ def experiment(name, only, overrides, params_file, device, dry):
     """Run a named experiment of experiments.yaml (without NAME: list them). --set applies to
     every variant, after the experiment's shared overrides and before the variant's own."""
     from pipeline.experiments import experiment_file, load_experiments
-    from pipeline.sweep import run_variants
+    from pipeline.sweep import run_selected, run_variants
 
     root = find_root(Path.cwd())
     experiments = load_experiments(experiment_file(root))
@@ -200,7 +200,11 @@ def experiment(name, only, overrides, params_file, device, dry):
     if unknown:
         raise TcaError(f"--only {unknown[0]!r}: not a variant of `{name}`; its variants: {', '.join(v.name for v in exp.variants)}")
     variants = [v for v in exp.variants if not only or v.name in only]
-    _finish(run_variants(root, exp.name, variants, [*exp.shared, *overrides], params_file, device, dry, click.echo))
+    base = [*exp.shared, *overrides]
+    if exp.select is not None:
+        _finish(run_selected(root, exp.name, variants, exp.select, base, params_file, device, dry, click.echo))
+        return
+    _finish(run_variants(root, exp.name, variants, base, params_file, device, dry, click.echo))
 
 
 @main.command()

@@ -9,6 +9,8 @@
           SASRec: {set: [cf.model=sasrec], show: cf}   # ... or set + show (cf: the teacher's metrics)
         grid:                               # and/or points of a `tca sweep` grid (optional; in a
           - tca.alpha=0.1,0.3               #   [flow list] quote each axis: its commas split values)
+        select: ndcg@10                     # optional: choose one variant on the valid split by this
+                                            #   metric and report only its test numbers (sweep.run_selected)
 
 A variant's overrides apply after the shared ones and after `--set` given on the command line;
 `--set` applies after the shared ones, so `tca experiment alpha --set train.backbone=tallrec`
@@ -25,8 +27,9 @@ from tca.errors import TcaError
 
 from .sweep import Variant, grid
 
-FIELDS = {"about", "set", "variants", "grid"}
+FIELDS = {"about", "set", "variants", "grid", "select"}
 SHOWS = ("llm", "cf")
+SELECT_METRICS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Experiment:
     about: str
     shared: tuple[str, ...]
     variants: list[Variant]
-
+    select: str | None = None  # a metric: pick the variant on valid, report its test numbers alone
 
 def _strings(value, where: str) -> tuple[str, ...]:
     if value is None:
@@ -81,7 +84,10 @@ def load_experiments(path: Path) -> dict[str, Experiment]:
             raise TcaError(f"{where}: {err}") from None
         if not listed:
             raise TcaError(f"{where}: no `variants` and no `grid`")
-        found[str(name)] = Experiment(str(name), str(spec.get("about", "")), _strings(spec.get("set"), f"{where} set"), listed)
+        select = spec.get("select")
+        if select is not None and select not in SELECT_METRICS:
+            raise TcaError(f"{where}: select {select!r} is not one of {', '.join(SELECT_METRICS)}")
+        found[str(name)] = Experiment(str(name), str(spec.get("about", "")), _strings(spec.get("set"), f"{where} set"), listed, select)
     return found
 
 

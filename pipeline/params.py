@@ -92,15 +92,31 @@ def apply_overrides(defaults: dict, assignments: list[str]) -> dict:
 
 def apply_file(defaults: dict, path: Path) -> dict:
     """Defaults with the values of a params file (nested YAML like stages.yaml `params:`, any
-    subset of its keys, e.g. params/paper.yaml) applied, each checked like a `--set`."""
+    subset of its keys, e.g. params/paper.yaml) applied, each checked like a `--set`. A file may
+    start from others: `extends: paper.yaml` (or a list, applied in order; paths relative to the
+    file), whose values it then overrides."""
+    return _apply_file(copy.deepcopy(defaults), flatten(defaults), Path(path), ())
+
+
+def _apply_file(tree: dict, flat: dict, path: Path, chain: tuple[Path, ...]) -> dict:
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise TcaError(f"--params {path}: cannot read it: {err}") from err
     if not isinstance(doc, dict):
         raise TcaError(f"--params {path}: expected a mapping of param sections, like stages.yaml `params:`")
-    tree = copy.deepcopy(defaults)
-    flat = flatten(defaults)
+    parents = doc.pop("extends", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise TcaError(f"{path}: extends: expected a params file name or a list of them, relative to {path.parent}")
+    chain = (*chain, path.resolve())
+    for parent in parents:
+        file = path.parent / parent
+        if file.resolve() in chain:
+            raise TcaError(f"{path}: extends {parent}: a cycle ({' -> '.join(p.name for p in chain)} -> {file.name})")
+        if not file.is_file():
+            raise TcaError(f"{path}: extends {parent}: no such file {file}")
+        tree = _apply_file(tree, flat, file, chain)
     for key, value in flatten(doc).items():
         if key not in flat:
             raise _unknown(f"{path}: {key}", flat)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .experiments import Experiment
 from .hashing import atomic_write_text
 from .results import decode_ranks, duration, load_records, slug
+from .sweep import VALID_SUFFIX
 
 METRICS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "cc")
 HEADERS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "CC")
@@ -186,6 +187,10 @@ def section(name: str, rows: list[Row], spec: Experiment | None, out: Path) -> t
     parts = [f"## {name}", ""]
     if spec is not None and spec.about:
         parts += [spec.about, ""]
+    if spec is not None and spec.select is not None:
+        parts += [f"Every variant on the valid split: `{spec.name}{VALID_SUFFIX}`; here the test numbers of the one "
+                  f"with the best valid {spec.select} alone." if name == spec.name else
+                  f"On the valid split; `{spec.name}` has the test numbers of the variant with the best valid {spec.select}.", ""]
     shared = {" ".join(f"--set {a}" for a in r.record["overrides"][: len(r.record["overrides"]) - len(r.record["set"])]) for r in rows}
     files = {r.record.get("params_file") for r in rows} - {None}
     if any(shared) or files:
@@ -196,7 +201,7 @@ def section(name: str, rows: list[Row], spec: Experiment | None, out: Path) -> t
     if paired:
         parts += ["Paired differences on the same samples (95% bootstrap intervals over samples; an interval that "
                   "excludes 0 is a difference these samples can tell apart):", "", paired, ""]
-    if spec is not None:
+    if spec is not None and not (spec.select and name == spec.name):  # a selection's test run has one row
         missing = [v.name for v in spec.variants if v.name not in {row.name for row in rows}]
         if missing:
             parts += [f"Not finished: {', '.join(missing)}.", ""]
@@ -232,7 +237,10 @@ def write_report(artifacts: Path, out: Path, experiments: dict[str, Experiment])
     grouped: dict[str, list[Row]] = {}
     for record in records:
         grouped.setdefault(record["experiment"], []).append(Row(record))
-    order = [n for n in experiments if n in grouped] + sorted(n for n in grouped if n not in experiments)
+    # an experiment that selects on valid has its valid runs under <name>-valid, shown just before it
+    spec_of = {n + VALID_SUFFIX: e for n, e in experiments.items() if e.select} | experiments
+    known = [m for n in experiments for m in (n + VALID_SUFFIX, n) if m in grouped and m in spec_of]
+    order = known + sorted(n for n in grouped if n not in known)
     out.mkdir(parents=True, exist_ok=True)
     parts = [
         "# Results",
@@ -245,7 +253,7 @@ def write_report(artifacts: Path, out: Path, experiments: dict[str, Experiment])
     ]
     written = []
     for name in order:
-        spec = experiments.get(name)
+        spec = spec_of.get(name)
         listed = [v.name for v in spec.variants] if spec else []  # rows in experiments.yaml order, else in run order
         rows = sorted(grouped[name], key=lambda r: (listed.index(r.name) if r.name in listed else len(listed),
                                                     r.record.get("index", 0), r.record.get("finished", "")))

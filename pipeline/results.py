@@ -123,6 +123,8 @@ def sample_ranks(predictions: Path) -> dict | None:
 
     import polars as pl
 
+    if not predictions.exists():  # an eval stage that writes no predictions (a plugin's)
+        return None
     table = pl.read_parquet(predictions)
     if "rank" not in table.columns:  # predictions of an eval stage that did not keep ranks
         return None

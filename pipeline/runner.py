@@ -236,6 +236,16 @@ class Project:
                         )
         return [s for s in self.graph.stages if s in chosen]
 
+    def changed_params(self, stage: Stage) -> dict:
+        """The stage's declared params whose value is not stages.yaml's default: what --params / --set change."""
+        defaults = flatten(self.graph.defaults)
+        return {k: v for k, v in select(self.flat, list(stage.params)).items() if v != defaults[k]}
+
+    def log_changed_params(self, stage: Stage, log) -> None:
+        """`tca run --dry`: under each stage, the values it would run with that differ from the defaults."""
+        for key, value in self.changed_params(stage).items():
+            log(f"    {key} = {value!r}")
+
     def run(self, targets: list[str] | None = None, force: bool = False, upstream: bool = False,
             downstream: bool = False, dry: bool = False, log=print) -> list[str]:
         """Run what is stale among the planned stages (all of them with `force`); returns what ran.
@@ -264,9 +274,12 @@ class Project:
                 if not reasons:
                     tell(False)
                     log(f"{name}: up to date")
+                    if dry:
+                        self.log_changed_params(stage, log)
                     continue
                 if dry:
                     log(f"{name}: would run ({'; '.join(reasons)})")
+                    self.log_changed_params(stage, log)
                     ran.append(name)
                     continue
                 log(f"{name}: running ({'; '.join(reasons)})")

@@ -10,6 +10,7 @@ interrupted train stage resumes from its checkpoint. After each point its record
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,3 +118,31 @@ def run_variants(root: Path, experiment: str, variants: list[Variant], base: lis
         took = results.duration(time.perf_counter() - start)
         log(f"{head}: done in {took} ({what}); {variant.show} {scores} -> {outcome.record.relative_to(project.root)}")
     return outcomes
+
+
+VALID_SUFFIX = "-valid"  # the records of a selecting experiment's valid runs: artifacts/experiments/<name>-valid/
+
+
+def run_selected(root: Path, experiment: str, variants: list[Variant], metric: str, base: list[str] | tuple[str, ...] = (),
+                 params_file: Path | None = None, device: str = "auto", dry: bool = False, log=print) -> list[Outcome]:
+    """Choose one variant on the valid split and report the test numbers of that choice alone.
+
+    Every variant runs with `eval.split=valid` (recorded under `<experiment>-valid`); the one with the
+    best valid `metric` (ties: the first listed) runs again with `eval.split=test` (recorded under
+    `<experiment>`). The test run shares every stage but eval with its valid run. No test number of
+    another variant is computed, so nothing is chosen by looking at test numbers.
+    """
+    on_valid = [Variant(v.name, (*v.overrides, "eval.split=valid"), v.show) for v in variants]
+    outcomes = run_variants(root, experiment + VALID_SUFFIX, on_valid, base, params_file, device, dry, log)
+    if dry:
+        log(f"then: the variant with the best valid {metric} again with eval.split=test, recorded under {experiment}")
+        return outcomes
+    scored = [(json.loads(o.record.read_text())["metrics"][o.variant.show][metric], -i)
+              for i, o in enumerate(outcomes) if o.record is not None]
+    if not scored:
+        raise TcaError(f"{experiment}: no variant finished on the valid split; nothing to choose from")
+    value, first = max(scored)
+    chosen = variants[-first]
+    log(f"{experiment}: chose {chosen.name} (valid {metric} {value:.4f}); its test run:")
+    final = Variant(f"{chosen.name} (best valid {metric})", (*chosen.overrides, "eval.split=test"), chosen.show)
+    return outcomes + run_variants(root, experiment, [final], base, params_file, device, dry, log)

@@ -1,4 +1,4 @@
-"""The SID rows of `main` (TIGER, LETTER, each +TCA) and SASRec on the same test samples, from the
+"""The rows of `sid` (TIGER, LETTER, each +TCA; part of `main` until issue 19) and SASRec on the same test samples, from the
 experiment records and the run cache: on the samples each row was evaluated on, and on the default
 256-sample test subset inside them (a larger subset keeps every sample of a smaller one).
 
@@ -37,7 +37,7 @@ def main(artifacts: Path) -> None:
     cf = load_checkpoint(artifacts / "cf" / "model.pt")
     tables = {}
     for row in ROWS:
-        record = json.loads((artifacts / "experiments" / "main" / f"{row}.json").read_text())
+        record = json.loads((artifacts / "experiments" / "sid" / f"{row}.json").read_text())
         pred = pl.read_parquet(artifacts / ".cache" / "runs" / "eval" / record["keys"]["eval"] / "out" / "predictions.parquet")
         evaluated = splits["test"].filter(pl.col("sample_id").is_in(pred["sample_id"].implode()))
         for name, samples in ((f"{evaluated.height} test samples", evaluated), (f"the default {small.height}", small)):

@@ -64,11 +64,12 @@ def _forward(model, position: torch.Tensor, kv: BeamKV, **tokens) -> torch.Tenso
 
 @torch.inference_mode()
 def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, length_penalty: float = 1.0,
-                renormalize: bool = False, slot_vectors: torch.Tensor | None = None,
+                renormalize: bool = False, slot_vectors: torch.Tensor | None = None, tau: float = 1.0,
                 excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `num_beams` best complete titles per prompt: their trie leaves [B, K] (-1 where fewer titles
     finished) and ranked scores [B, K] (-inf there). A title's score is the sum of its tokens' log-probs
-    (full softmax, or softmax over the trie children with `renormalize`) / its length ** length_penalty.
+    (full softmax, or with `renormalize` the softmax of logits / `tau` over the trie children: the
+    distribution MSL trains with its train.msl_tau) / its length ** length_penalty.
     Hybrid prompts (with `prompts.slot`) need the CF vectors of their slots (`HybridPrompt.vectors`).
     `excluded` [B, H] (`excluded_rows`): items no title may lead to (a sample's history): a token is
     allowed only if some item under its node is not excluded.
@@ -92,17 +93,18 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
         return _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=tokens[:, None])
 
     with switched_to(model, ids.shape[1] + trie.max_depth):
-        return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance,
+        return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance, tau,
                       None if excluded is None else excluded.to(device))
 
 
 def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormalize: bool,
            advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor],
-           excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           tau: float = 1.0, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The search proper, from each sample's first next-token logits [B, V] (row b: sample b), for
     any model: `advance(src, sample, slot, t, tokens)` makes row i of the new batch continue row
     src[i] of the previous one (as beam `slot[i]` of `sample[i]`) with `tokens[i]` at step t and
-    returns the new rows' next-token logits. `excluded`: see `beam_search`."""
+    returns the new rows' next-token logits. `tau`: the temperature of the renormalized softmax;
+    `excluded`: see `beam_search`."""
     device, B = logits.device, len(logits)
     # live rows of the model's batch: their sample, beam slot, trie node and summed log-prob
     sample, slot = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
@@ -118,6 +120,7 @@ def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormaliz
         C = edge.shape[1]
         z = logits.gather(1, trie.child_token[edge])
         if renormalize:
+            z = z / tau
             logp = z - z.masked_fill(~valid, NEG_INF).logsumexp(1, keepdim=True)
         else:
             logp = z - logits.logsumexp(1, keepdim=True)

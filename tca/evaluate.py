@@ -36,6 +36,7 @@ class EvalConfig:
     batch_size: int = 16  # samples per beam search (each holds up to num_beams rows of the model's batch)
     exclude_history: bool = False  # no sample is recommended an item of its history (the LLM's lists and the CF / popularity ranks)
     precision: str = "auto"  # the merged model's weights: auto (bf16 where supported, `tca.llm.use_bf16`) | bf16 | fp32
+    tau: float = 1.0  # temperature of the renormalized softmax: not an eval param, the model's (LossConfig.decode_tau)
 
     @classmethod
     def from_params(cls, params: dict) -> "EvalConfig":
@@ -77,7 +78,8 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
             prompts = builder.build(hist, lengths[rows])
             vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), batch)
             excluded = excluded_rows(trie, hist, lengths[rows]) if cfg.exclude_history else None
-            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors, excluded)
+            leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors,
+                                              cfg.tau, excluded)
             items[rows], scores[rows] = ranked_items(trie, leaves.cpu().numpy(), leaf_scores.cpu().numpy(), cfg.num_beams,
                                                      (hist, lengths[rows]) if cfg.exclude_history else None)
             if bar is not None:

@@ -48,6 +48,12 @@ class LossConfig:
     def uses_q(self) -> bool:
         return self.loss != "ntp"
 
+    @property
+    def decode_tau(self) -> float:
+        """The temperature of the distribution trained over the trie children, which renormalized
+        decoding must use too: msl_tau under MSL; 1 otherwise (the full softmax was trained)."""
+        return self.msl_tau if self.msl else 1.0
+
 
 @dataclass
 class Labels:

@@ -33,9 +33,20 @@ DEFAULT_INSTRUCTION = (
 
 @dataclass(frozen=True)
 class PromptConfig:
+    """The prompt is instruction, before_history, the quoted history titles joined by ", ", after_history."""
+
     domain: str = "movies"  # the paper's word per dataset: movies, toys, sports products, office products
     target_template: str = "{title}"
     instruction: str = DEFAULT_INSTRUCTION
+    before_history: str = "\nUser interaction history: "
+    after_history: str = "\nThe {domain} the user is most likely to interact with next:\n"
+
+    def text(self, name: str) -> str:
+        """The template `name` with the domain filled in."""
+        try:
+            return getattr(self, name).format(domain=self.domain)
+        except (KeyError, IndexError, ValueError) as err:
+            raise TcaError(f"prompt.{name}: {getattr(self, name)!r} may only use the field {{domain}} ({err})") from err
 
 
 @dataclass
@@ -81,10 +92,7 @@ class PromptBuilder:
         target ids (title + EOS, as the trie has them); every history item is then written as its target
         ids, one per line, and the prompt ends with the line break a generated item follows, so a
         prompt reads exactly like the start of a packed row."""
-        try:
-            head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "
-        except (KeyError, IndexError) as err:
-            raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
+        head, tail = cfg.text("instruction") + cfg.text("before_history"), cfg.text("after_history")
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
         self.titles = list(titles)
@@ -94,10 +102,9 @@ class PromptBuilder:
                 raise TcaError("the items format (train.packing: items) has no CF slots; use train.packing: none for llara / collm")
             if len(targets) != len(titles):
                 raise ValueError(f"{len(targets)} target id lists for {len(titles)} titles")
-            head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history, one per line:\n"
+            head = cfg.text("instruction") + "\nUser interaction history, one per line:\n"
             texts = [head, "\n", "\n", USER_SLOT_TEXT]
         else:
-            tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"
             texts = [f'"{t}"' for t in titles] + [head, ", ", tail, USER_SLOT_TEXT]
         pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
         if self.items_format:

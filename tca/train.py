@@ -337,7 +337,7 @@ class Trainer:
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
         cfg = EvalConfig(num_beams=self.cfg.valid_beams, renormalize=self.loss_cfg.msl, batch_size=self.valid_batch_size,
-                         exclude_history=self.exclude_history)
+                         exclude_history=self.exclude_history, tau=self.loss_cfg.decode_tau)
         part = self.valid[ddp.split(self.valid.height, self.world)]
         items, scores = np.zeros((0, cfg.num_beams), np.int64), np.zeros((0, cfg.num_beams), np.float32)
         if part.height:

@@ -47,6 +47,9 @@ def reference(interactions, items, cfg):
             title_of[raw] = title
     key_of = {raw: title if cfg.merge_duplicate_titles else raw for raw, title in title_of.items()}
     events = {(user, key_of[item], t) for user, item, t in interactions if item in key_of}
+    if events and cfg.max_months:
+        newest = max(t for _, _, t in events)
+        events = {e for e in events if e[2] > newest - cfg.max_months * 30 * 24 * 3600}
     events = brute_kcore(events, cfg.min_item_interactions, cfg.min_user_interactions)
     order = sorted(events, key=lambda e: (e[2], e[0], e[1]))
     user_id, item_id = {}, {}
@@ -86,10 +89,11 @@ def test_kcore_matches_brute_force(rows, min_item, min_user):
 
 
 def random_raw(seed: int) -> tuple[list, list]:
-    """Small data with timestamp ties, exact duplicates, shared titles, a placeholder and an untitled item."""
+    """Small data with timestamp ties, exact duplicates, shared titles, a placeholder and an untitled
+    item, over ~10 months (times are multiples of 10 days)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(40, 160))
-    interactions = [(f"u{rng.integers(0, 12):02d}", f"i{rng.integers(0, 14):02d}", int(rng.integers(0, 30)))
+    interactions = [(f"u{rng.integers(0, 12):02d}", f"i{rng.integers(0, 14):02d}", int(rng.integers(0, 30)) * 864_000)
                     for _ in range(n)]
     interactions += interactions[:5]  # exact duplicates
     names = ["Alpha", "Beta", "Gamma", "Alpha", "Delta", "unknown", "Eps", "Beta", "Zeta", "Eta", "Theta", "Iota",
@@ -99,12 +103,12 @@ def random_raw(seed: int) -> tuple[list, list]:
 
 
 @given(seed=st.integers(0, 10**6), merge=st.booleans(), min_history=st.integers(1, 4),
-       history_len=st.integers(1, 4))
+       history_len=st.integers(1, 4), max_months=st.sampled_from([0, 2, 5, 9]))
 @settings(max_examples=40, deadline=None)
-def test_build_matches_python_reference(seed, merge, min_history, history_len):
+def test_build_matches_python_reference(seed, merge, min_history, history_len, max_months):
     interactions, items = random_raw(seed)
     cfg = DataConfig(merge_duplicate_titles=merge, min_item_interactions=2, min_user_interactions=3,
-                     min_history=min_history, history_len=history_len)
+                     min_history=min_history, history_len=history_len, max_months=max_months)
     raw = RawData(pl.DataFrame(interactions, schema=["user", "item", "timestamp"], orient="row"),
                   pl.DataFrame(items, schema=["raw_id", "title"], orient="row"))
     want = reference(interactions, items, cfg)
@@ -286,6 +290,7 @@ def test_unknown_source(spec):
 @pytest.mark.parametrize("params, match", [
     (dict(on_bad_line="ignore"), r"data\.on_bad_line must be one of error, skip"),
     (dict(min_history=0), r"data\.min_history must be a positive integer"),
+    (dict(max_months=-1), r"data\.max_months must be an integer >= 0"),
 ])
 def test_bad_params(params, match):
     with pytest.raises(TcaError, match=match):
@@ -345,3 +350,72 @@ def test_data_stage(tmp_path):
     text = data_stage.inspect(out, params)
     assert "test.parquet: 8,983 rows" in text and "target: " in text and "(199" in text
     assert all(p.is_file() for p in data_stage.external_deps(params))
+
+
+# ---------- the paper presets' filters on synthetic Amazon files ----------
+
+MONTH = 30 * 24 * 3600
+
+
+def synthetic_amazon(folder: Path) -> tuple[Path, Path, list, dict]:
+    """Six years of reviews by users and items of very different activity, titles longer than 100
+    characters, two items sharing a title and one without a title; returns the files, the reviews
+    (user, asin, time) and the titles by asin."""
+    rng = np.random.default_rng(7)
+    asins = [f"B{k:03d}" for k in range(150)]
+    words = ["Wooden", "Train", "Set", "Deluxe", "Puzzle", "Blocks", "Magnetic", "Tiles", "Kit", "Racing"]
+    titles = {a: " ".join(rng.choice(words, int(rng.integers(2, 30)))) + f" {a}" for a in asins}
+    titles["B001"] = titles["B000"] = "Classic Rubik's Cube"  # the same title on two items
+    titles["B002"] = "Long " * 40 + "B002"  # cut to 100 characters
+    reviews = set()
+    for u in range(60):
+        activity = int(rng.integers(3, 40))
+        start = int(rng.integers(0, 60)) * MONTH  # many users are active only before the 48-month window
+        for _ in range(activity):
+            item = asins[min(int(rng.zipf(1.3)) - 1, len(asins) - 1)] if rng.random() < 0.5 else asins[int(rng.integers(0, 150))]
+            reviews.add((f"A{u:02d}", item, 1_300_000_000 + start + int(rng.integers(0, 14 * MONTH))))
+    reviews = sorted(reviews)
+    metas = [meta(a, title=titles[a]) for a in asins if a != "B003"] + [meta("B003")]  # B003 has no title
+    r = write_lines(folder / "reviews.json.gz", [json.dumps(review(*x)) for x in reviews])
+    m = write_lines(folder / "meta.json.gz", [json.dumps(x) for x in metas])
+    return r, m, reviews, {a: t for a, t in titles.items() if a != "B003"}
+
+
+def brute_counts(reviews, titles, data: dict) -> dict:
+    """users, items, interactions and samples per split by the preset's rules, one Python loop at a time."""
+    clean = {a: " ".join(t.split())[: data["max_title_chars"]].strip() for a, t in titles.items()}
+    key = (lambda a: clean[a]) if data["merge_duplicate_titles"] else (lambda a: a)
+    events = {(u, key(a), t) for u, a, t in reviews if a in clean}
+    if data["max_months"]:
+        newest = max(t for _, _, t in events)
+        events = {e for e in events if e[2] > newest - data["max_months"] * MONTH}
+    events = brute_kcore(events, data["min_item_interactions"], data["min_user_interactions"])
+    seen, samples = Counter(), 0
+    for user, _, _ in sorted(events, key=lambda e: (e[2], e[0], e[1])):
+        samples += seen[user] >= data["min_history"]
+        seen[user] += 1
+    cuts = (samples * 8 // 10, samples * 9 // 10)
+    return {"users": len({e[0] for e in events}), "items": len({e[1] for e in events}), "interactions": len(events),
+            "samples": {"train": cuts[0], "valid": cuts[1] - cuts[0], "test": samples - cuts[1]}}
+
+
+@pytest.mark.parametrize("preset", ["paper-toys", "paper-office"])
+def test_paper_preset_filters_on_amazon_files_match_brute_force(tmp_path, preset):
+    """The preset's data section (48-month window on Toys, none on Office; users >= 10 iterated with
+    items >= 5; no title merge; titles cut to 100 characters) against a recomputation, and each of
+    those filters changes the counts here, so each is exercised."""
+    from pipeline.runner import Project
+
+    r, m, reviews, titles_by_asin = synthetic_amazon(tmp_path)
+    data = {**Project(Path(__file__).resolve().parents[1], params_file=Path(__file__).resolve().parents[1] / "params" / f"{preset}.yaml").params["data"],
+            "source": f"amazon2018:{r}:{m}"}
+    dataset = prepare(DataConfig(**data))
+    want = brute_counts(reviews, titles_by_asin, data)
+    got = dataset.stats
+    assert {k: got[k] for k in want} == want
+    assert dataset.items["title"].str.len_chars().max() == 100  # the long title, cut
+    assert dataset.items.filter(pl.col("title") == "Classic Rubik's Cube").height == 2  # not merged
+    assert got["outside_time_window"] > 0 if data["max_months"] else got["outside_time_window"] == 0
+    for off in ({"max_months": 0} if data["max_months"] else {"max_months": 48}, {"min_user_interactions": 5},
+                {"min_item_interactions": 1}, {"merge_duplicate_titles": True}):
+        assert brute_counts(reviews, titles_by_asin, {**data, **off}) != want, off

@@ -2,16 +2,24 @@
 `generate` with a prefix-allowed-tokens function, on a tiny random Llama over the real tokenizer."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
+from pipeline.runner import Project
+from pipeline.stages.eval import eval_config
 from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
 from tca.errors import TcaError
 from tca.hf_decode import hf_beam_search
+from tca.losses import LossConfig, make_labels, position_losses
 from tca.prompt import PromptBuilder
 from tca.trie import build_trie, target_ids
+
+REPO = Path(__file__).resolve().parents[1]
+MSL_TAU = 4.5  # the authors' MSL temperature (params/paper.yaml)
 
 # titles that are prefixes of others ("Alien", "Jaws") and titles that differ only at their end
 TITLES = ["Alien (1979)", "Alien", "Aliens (1986)", "Toy Story (1995)", "Toy Story 2 (1999)", "Fargo (1996)",
@@ -33,15 +41,16 @@ def model(tiny_llama):
     return tiny_llama(seed=1, initializer_range=0.15)  # peaked distributions: well separated title scores
 
 
-def title_log_probs(model, prompts, trie, targets, renormalize=False) -> np.ndarray:
+def title_log_probs(model, prompts, trie, targets, renormalize=False, tau=1.0) -> np.ndarray:
     """[prompts, items] summed log-probs of every item's title after every prompt, one teacher-forced
-    forward per (prompt, title); with `renormalize`, each position's softmax runs over the trie children."""
+    forward per (prompt, title); with `renormalize`, each position's softmax of logits / tau runs over
+    the trie children."""
     out = np.zeros((len(prompts.lengths), len(targets)))
     for row, prompt in enumerate(prompts.rows()):
         for col, target in enumerate(targets):
             ids = torch.tensor(np.concatenate([prompt, target[:-1]]))[None]
             with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].double()
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].double() / (tau if renormalize else 1.0)
             nodes = trie.paths(np.array([target]))[0]
             for t, token in enumerate(target):
                 support = trie.child_token[trie.child_ptr[nodes[t]] : trie.child_ptr[nodes[t] + 1]] if renormalize else slice(None)
@@ -79,6 +88,44 @@ def test_equals_exhaustive_reference_when_beams_cover_the_catalog(model, catalog
         assert items[row, : len(ref)].tolist() == [i for _, i in ref]
         np.testing.assert_allclose(scores[row, : len(ref)], [s for s, _ in ref], atol=1e-4, rtol=0)
         assert (items[row, len(ref) :] == 0).all() and np.isneginf(scores[row, len(ref) :]).all()
+
+
+def test_renormalized_top10_at_msl_tau_equals_brute_force_ranking(model, catalog):
+    """With MSL's tau 4.5, the 10 beams' list is the top 10 of every item ranked by its title's
+    log-prob under softmax(z / 4.5) over the trie children, and tau changes that ranking."""
+    trie, targets, prompts, _ = catalog
+    brute = reference(title_log_probs(model, prompts, trie, targets, renormalize=True, tau=MSL_TAU), targets)
+    items, scores = search(model, catalog, 10, renormalize=True, tau=MSL_TAU)
+    assert items.tolist() == [[i for _, i in ref[:10]] for ref in brute]
+    np.testing.assert_allclose(scores, [[s for s, _ in ref[:10]] for ref in brute], atol=1e-4, rtol=0)
+    assert search(model, catalog, 10, renormalize=True)[0].tolist() != items.tolist()  # tau 1 ranks otherwise
+
+
+def test_msl_training_loss_and_renormalized_decoding_use_the_same_distribution(model, catalog):
+    """Each title's summed MSL loss (train.msl_tau) is minus its renormalized decoding score at the
+    same tau (length penalty 0: the summed log-prob), for every prompt and item."""
+    trie, targets, prompts, _ = catalog
+    cfg = LossConfig("ntp", msl=True, msl_tau=MSL_TAU)
+    lengths = np.array([len(t) for t in targets])
+    labels = make_labels(np.concatenate(targets), lengths, None, trie, cfg)
+    items, scores = search(model, catalog, len(TITLES), renormalize=True, tau=MSL_TAU, length_penalty=0.0)
+    for row, prompt in enumerate(prompts.rows()):
+        logits = []
+        for target in targets:
+            ids = torch.tensor(np.concatenate([prompt, target[:-1]]))[None]
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits[0, len(prompt) - 1 :])
+        z = torch.cat(logits).double()[:, labels.columns]
+        loss = position_losses(z, labels, cfg).split(lengths.tolist())
+        decoded = dict(zip(items[row].tolist(), scores[row].tolist()))
+        np.testing.assert_allclose([-part.sum().item() for part in loss], [decoded[i] for i in range(1, len(TITLES) + 1)], atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone, msl, tau", [("msl", False, MSL_TAU), ("tallrec", True, MSL_TAU), ("tallrec", False, 1.0)])
+def test_eval_stage_renormalizes_at_the_temperature_the_model_trained_with(backbone, msl, tau):
+    params = Project(REPO, [f"train.backbone={backbone}", f"train.msl={str(msl).lower()}", f"train.msl_tau={MSL_TAU}",
+                            "eval.renormalize=true", "eval.exclude_history=false"]).params
+    assert eval_config(params, REPO / "no-data-needed")[0].tau == tau
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, len(TITLES)])  # with 1 beam, generate decodes greedily instead

@@ -33,6 +33,7 @@ PARAMS = {
     "llm": {"attn_implementation": "sdpa"},
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
+    "tca": {"alpha": 0.1},
 }
 
 
@@ -148,19 +149,19 @@ def test_inspect_eval_shows_llm_and_cf_lists(ran):
 def test_eval_params_are_checked(artifacts):
     data = artifacts[0] / "data"
     with pytest.raises(TcaError, match="eval.split"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "split": "train"}}, data)
+        eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "split": "train"}}, data)
     with pytest.raises(TcaError, match="eval.beams"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "beams": 3}}, data)
+        eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "beams": 3}}, data)
     with pytest.raises(TcaError, match="eval.num_beams"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "num_beams": 0}}, data)
+        eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "num_beams": 0}}, data)
     with pytest.raises(TcaError, match="eval.exclude_history"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "exclude_history": "sometimes"}}, data)
+        eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "exclude_history": "sometimes"}}, data)
     # auto follows the data: these random samples repeat items, so auto is off; with no repeats it is on
     train = pl.read_parquet(data / "train.parquet")
     repeats = train.select(pl.col("history").list.contains(pl.col("item_id")).any()).item()
-    assert eval_stage.eval_config({"eval": {**PARAMS["eval"], "exclude_history": "auto"}}, data)[0].exclude_history is (not repeats)
+    assert eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "exclude_history": "auto"}}, data)[0].exclude_history is (not repeats)
     with pytest.raises(TcaError, match="eval.precision: 'fp16' is not one of auto, bf16, fp32"):
-        eval_stage.eval_config({"eval": {**PARAMS["eval"], "precision": "fp16"}}, data)
+        eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "precision": "fp16"}}, data)
 
 
 def test_auto_precision_asks_the_gpu(monkeypatch):

@@ -40,6 +40,46 @@ def test_bad_files_are_named(tmp_path, text, message):
     assert "p.yaml" in str(err.value)
 
 
+def test_extends_applies_the_parent_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("a:\n  n: 3\n  name: base\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\na:\n  x: 0.25\n")
+    child = write(tmp_path, "extends: [mid.yaml]\na:\n  name: child\n")
+    assert apply_file(DEFAULTS, child)["a"] == {"n": 3, "x": 0.25, "name": "child", "flag": False, "mods": ["q", "v"]}
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"p.yaml": "extends: p.yaml\n"}, r"extends p\.yaml: a cycle \(p\.yaml -> p\.yaml\)"),
+    ({"p.yaml": "extends: q.yaml\n", "q.yaml": "extends: p.yaml\n"}, r"q\.yaml: extends p\.yaml: a cycle"),
+    ({"p.yaml": "extends: gone.yaml\n"}, r"extends gone\.yaml: no such file"),
+    ({"p.yaml": "extends: {a: 1}\n"}, r"extends: expected a params file name"),
+    ({"p.yaml": "extends: q.yaml\n", "q.yaml": "a:\n  z: 1\n"}, r"q\.yaml: a\.z: unknown param"),
+])
+def test_bad_extends_are_named(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(TcaError, match=message):
+        apply_file(DEFAULTS, tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("dataset, months, domain", [("toys", 48, "games"), ("sports", 48, "sports"), ("office", 0, "office products")])
+def test_paper_presets_extend_the_common_part(dataset, months, domain):
+    params = Project(REPO, params_file=REPO / "params" / f"paper-{dataset}.yaml").params
+    assert params["data"]["max_months"] == months and params["prompt"]["domain"] == domain
+    assert params["data"]["source"].startswith("amazon2018:") and params["data"]["min_user_interactions"] == 10
+    assert params["train"]["msl_tau"] == 4.5 and params["cf"]["loss"] == "bce" and params["subset"]["test"] == 5000
+
+
+def test_dry_run_lists_every_stage_with_the_preset_values(tmp_path):
+    result = CliRunner().invoke(cli.main, ["run", "--dry", "--params", str(REPO / "params" / "paper-toys.yaml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    stages = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert stages == list(Project(REPO).graph.stages)
+    for shown in ("data.max_months = 48", "cf.loss = 'bce'", "train.msl_tau = 4.5", "subset.train = 10000",
+                  "llm.base = 'meta-llama/Llama-3.2-3B'", "prompt.domain = 'games'"):
+        assert f"    {shown}" in lines
+
+
 def test_paper_params_apply_and_set_wins(tmp_path):
     project = Project(REPO, ["train.epochs=3"], params_file=REPO / "params" / "paper.yaml")
     assert project.params["subset"]["train"] == 10000 and project.params["llm"]["base"] == "meta-llama/Llama-3.2-3B"

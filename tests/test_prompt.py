@@ -11,17 +11,22 @@ TITLES = ["<pad>", "Toy Story (1995)", "Fargo (1996)", "Amélie (2001)", 'Léon:
 def reference(tokenizer, history, cfg=PromptConfig()):
     """Token ids of each piece, concatenated one sample at a time."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-    ids = enc(cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: ")
+    ids = enc(cfg.instruction.format(domain=cfg.domain) + cfg.before_history.format(domain=cfg.domain))
     ends = []
     for j, item in enumerate(history):
         if j:
             ids += enc(", ")
         ids += enc(f'"{TITLES[item]}"')
         ends.append(len(ids))
-    return ids + enc(f"\nThe {cfg.domain} the user is most likely to interact with next:\n"), ends
+    return ids + enc(cfg.after_history.format(domain=cfg.domain)), ends
 
 
-@pytest.mark.parametrize("cfg", [PromptConfig(), PromptConfig(domain="toys", instruction="Pick {domain}.")])
+AUTHORS = PromptConfig(  # the wording of params/paper.yaml (the authors' code)
+    domain="games", instruction="###Instruction:\nGiven the user interaction history, please recommendate the {domain} that user is most likely to view.",
+    before_history="\n\n###Input:\nUser Interaction Histories: ", after_history=".\n\nThen the movie that user is most likely to watch is:\n###Response:")
+
+
+@pytest.mark.parametrize("cfg", [PromptConfig(), PromptConfig(domain="toys", instruction="Pick {domain}."), AUTHORS])
 def test_build_matches_reference(tokenizer, cfg):
     histories = [[1, 2, 3], [4], [], [2, 2, 1, 4, 3]]
     builder = PromptBuilder(tokenizer, TITLES, cfg)
@@ -31,7 +36,8 @@ def test_build_matches_reference(tokenizer, cfg):
     assert [r.tolist() for r in prompts.rows()] == [ids for ids, _ in expected]
     assert prompts.item_end.tolist() == [e for _, ends in expected for e in ends]
     text = tokenizer.decode(prompts.rows()[0])
-    assert text.endswith('"Toy Story (1995)", "Fargo (1996)", "Amélie (2001)"\nThe ' + cfg.domain + " the user is most likely to interact with next:\n")
+    history = '"Toy Story (1995)", "Fargo (1996)", "Amélie (2001)"'
+    assert text == (cfg.instruction + cfg.before_history).format(domain=cfg.domain) + history + cfg.after_history.format(domain=cfg.domain)
 
 
 def test_bad_ids_and_templates(tokenizer):
@@ -39,6 +45,8 @@ def test_bad_ids_and_templates(tokenizer):
         PromptBuilder(tokenizer, TITLES).build(np.array([5]), np.array([1]))
     with pytest.raises(TcaError, match="prompt.instruction"):
         PromptBuilder(tokenizer, TITLES, PromptConfig(instruction="{user}"))
+    with pytest.raises(TcaError, match="prompt.after_history"):
+        PromptBuilder(tokenizer, TITLES, PromptConfig(after_history="{domain"))
 
 
 def test_bos_where_the_tokenizer_adds_it_and_pad_falls_back_to_eos(tokenizer, llama3_like_dir):

@@ -215,7 +215,7 @@ def stage_params(backbone: str) -> dict:
     params["sid"] |= {"levels": 2, "codebook_size": 4, "latent_dim": 8, "hidden": [16], "epochs": 10, "batch_size": 32, "lr": 0.01}
     params["seq2seq"] |= {"d_model": 16, "layers": 1, "heads": 2, "d_ff": 32, "epochs": 2, "batch_size": 16, "max_history": 4}
     params["train"]["backbone"] = backbone
-    params["eval"] |= {"num_beams": 5, "batch_size": 8}
+    params["eval"] |= {"num_beams": 5, "batch_size": 8, "exclude_history": False}
     return params
 
 

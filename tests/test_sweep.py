@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import cli
 from pipeline.experiments import experiment_file, load_experiments
 from pipeline.runner import Project
-from pipeline.sweep import Variant, grid, run_variants, split_values
+from pipeline.sweep import Variant, grid, run_selected, run_variants, split_values
 from tca.errors import TcaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,10 @@ def run(ctx):
     count(ctx)
     size = int((ctx.input("cf") / "model.txt").read_text())
     llm = {"hr@5": alpha / 5, "ndcg@5": alpha / 10, "hr@10": alpha / 2, "ndcg@10": alpha / 10 + size / 100, "cc": alpha}
+    if ctx.param("eval.split") == "valid":  # valid peaks at alpha 0.3, test grows with alpha
+        llm["ndcg@10"] = 1 - (alpha - 0.3) ** 2
     cf = {"hr@5": size / 50, "ndcg@5": size / 100, "hr@10": size / 20, "ndcg@10": size / 100}
-    metrics = {"split": "test", "llm": llm, "cf": cf, "n_samples": 8, "decode": {"device": "cpu"}}
+    metrics = {"split": ctx.param("eval.split"), "llm": llm, "cf": cf, "n_samples": 8, "decode": {"device": "cpu"}}
     (ctx.out / "metrics.json").write_text(json.dumps(metrics))
 '''
 
@@ -77,7 +79,7 @@ def make_project(tmp_path: Path) -> Path:
             "train": {"entry": f"{pkg}.train", "deps": ["cf"], "params": ["train"], "outs": ["log.jsonl"]},
             "eval": {"entry": f"{pkg}.eval", "deps": ["cf", "train"], "params": ["eval"], "outs": ["metrics.json"]},
         },
-        "params": {"toy": {"counter": str(tmp_path / "counter")}, "cf": {"size": 1}, "train": {"alpha": 0.1}, "eval": {"k": 10}},
+        "params": {"toy": {"counter": str(tmp_path / "counter")}, "cf": {"size": 1}, "train": {"alpha": 0.1}, "eval": {"k": 10, "split": "test"}},
     }
     (root / "stages.yaml").write_text(yaml.safe_dump(doc))
     return root
@@ -231,17 +233,67 @@ def test_cli_sweep_experiment_run_and_report(tmp_path, monkeypatch):
     assert not (root / "artifacts/report/runs.png").exists()  # one row: no plot
 
 
+def test_selection_on_valid_reports_the_test_numbers_of_the_choice_alone(tmp_path, monkeypatch):
+    """Every point on valid, then only the best valid point on test: no other test number exists."""
+    root = make_project(tmp_path)
+    lines = []
+    outcomes = run_selected(root, "pick", grid(["train.alpha=0.1,0.3,0.5"]), "ndcg@10", log=lines.append)
+    assert [o.error for o in outcomes] == [None] * 4
+    assert computed(root) == ["cf", "train", "eval", "train", "eval", "train", "eval", "eval"]  # the test run trains nothing
+    valid = records(root, "pick-valid")
+    assert {name: r["metrics"]["split"] for name, r in valid.items()} == {f"train.alpha={a}": "valid" for a in (0.1, 0.3, 0.5)}
+    test = records(root, "pick")
+    assert list(test) == ["train.alpha=0.3_best_valid_ndcg_10"]  # valid's best; test alone would have picked 0.5
+    chosen = test["train.alpha=0.3_best_valid_ndcg_10"]
+    assert chosen["metrics"]["split"] == "test" and chosen["params"]["train.alpha"] == 0.3
+    assert "pick: chose train.alpha=0.3 (valid ndcg@10 1.0000); its test run:" in lines
+
+    lines.clear()
+    run_selected(root, "pick", grid(["train.alpha=0.1,0.3"]), "ndcg@10", dry=True, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["[1/2] train.alpha=0.1", "[2/2] train.alpha=0.3", "then"]
+    assert "--set eval.split=valid" in lines[0]
+
+    (root / "experiments.yaml").write_text("experiments:\n  pick:\n    about: toy selection\n    grid: ['train.alpha=0.1,0.3,0.5']\n"
+                                           "    select: ndcg@10\n")
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(cli.main, ["report"])
+    assert result.exit_code == 0, result.output
+    report = (root / "artifacts/report/report.md").read_text()
+    assert report.index("## pick-valid") < report.index("## pick\n")
+    assert "Not finished" not in report and "here the test numbers of the one with the best valid ndcg@10 alone" in report
+    assert (root / "artifacts/report/pick-valid.png").exists() and not (root / "artifacts/report/pick.png").exists()
+    with pytest.raises(TcaError, match="select 'mrr' is not one of"):
+        (root / "experiments.yaml").write_text("experiments:\n  bad:\n    grid: [train.alpha=0.1]\n    select: mrr\n")
+        load_experiments(root / "experiments.yaml")
+
+
+# The rows of the paper's Table 3, in its order (our names for its Llara, Collm and "+ TCA" rows).
+TABLE_3 = ["LightGCN", "SASRec", "BERT4Rec", "AlphaRec", "RLMRec", "TallRec", "TallRec+TCA", "LLaRA", "LLaRA+TCA",
+           "CoLLM", "CoLLM+TCA", "MSL", "MSL+TCA"]
+
+
+@pytest.mark.parametrize("dataset", ["toys", "sports", "office"])
+def test_main_with_a_paper_preset_lists_exactly_table_3(dataset, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(cli.main, ["experiment", "main", "--params", f"params/paper-{dataset}.yaml", "--dry"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("] ", 1)[1].split(":")[0] for line in result.output.splitlines() if line.startswith("[")]
+    assert rows == TABLE_3
+    assert all(f"--params params/paper-{dataset}.yaml" in line for line in result.output.splitlines() if line.startswith("["))
+
+
 def test_repo_experiments_resolve_against_stages_yaml():
     """Every variant of experiments.yaml names known params with well-typed values; the rows
     the paper's tables need are there."""
     experiments = load_experiments(experiment_file(REPO))
-    assert list(experiments) == ["main", "ablation", "alpha", "cf_swap", "cf_size"]
+    assert list(experiments) == ["main", "sid", "ablation", "alpha", "cf_swap", "cf_size"]
     for exp in experiments.values():
         for variant in exp.variants:
             Project(REPO, [*exp.shared, *variant.overrides])
     main = {v.name: v for v in experiments["main"].variants}
-    assert {"SASRec", "BERT4Rec", "LightGCN", "AlphaRec", "RLMRec", "TallRec", "TallRec+TCA", "MSL", "MSL+TCA", "LLaRA", "LLaRA+TCA",
-            "CoLLM", "CoLLM+TCA", "TIGER", "TIGER+TCA", "LETTER", "LETTER+TCA"} == set(main)
+    assert list(main) == TABLE_3
+    assert [v.name for v in experiments["sid"].variants] == ["SASRec", "TIGER", "TIGER+TCA", "LETTER", "LETTER+TCA"]
+    assert experiments["alpha"].select == "ndcg@10"
     assert main["SASRec"].show == main["BERT4Rec"].show == "cf"
     alphas = [Project(REPO, [*experiments["alpha"].shared, *v.overrides]).params["tca"]["alpha"] for v in experiments["alpha"].variants]
     assert alphas == [0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
@@ -252,3 +304,4 @@ def test_repo_experiments_resolve_against_stages_yaml():
     assert params("main", "SASRec") == params("main", "TallRec+TCA")
     assert params("main", "BERT4Rec") == params("cf_swap", "TCA (BERT4Rec)")
     assert params("main", "MSL+TCA") == params("ablation", "TCA") == params("alpha", "tca.alpha=0.1") == params("cf_size", "TCA 100%")
+    assert params("sid", "SASRec") == params("sid", "TIGER+TCA")

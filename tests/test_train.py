@@ -268,3 +268,18 @@ def test_train_stage(world, tiny_model_dir, tokenizer, tmp_path):
     assert not any((artifacts / ".resume").iterdir())
     text = train.inspect(out, params)
     assert "LoRA r=8" in text and "valid epoch 1" in text and "3 optimizer steps" in text
+
+
+@pytest.mark.parametrize("msl, tau", [(True, 4.5), (False, 1.0)])
+def test_validation_decodes_at_the_trained_msl_temperature(world, tiny_model_dir, tmp_path, monkeypatch, msl, tau):
+    """MSL's validation renormalizes at train.msl_tau, the distribution it trains; without MSL, the full softmax."""
+    seen = []
+
+    def fake_recommend(model, builder, trie, histories, cfg, hybrid=None):
+        seen.append(cfg)
+        return np.zeros((len(histories), cfg.num_beams), np.int64), np.full((len(histories), cfg.num_beams), -np.inf, np.float32)
+
+    monkeypatch.setattr("tca.train.recommend", fake_recommend)
+    (tmp_path / "v").mkdir()
+    trainer(world, tiny_model_dir, replace(BASE, msl=msl, msl_tau=4.5, eval_every=1), tmp_path / "v").validate(1)
+    assert (seen[0].renormalize, seen[0].tau) == (msl, tau)

@@ -40,6 +40,7 @@ def resolve_exclude_history(value, data_dir: Path, key: str) -> bool:
     repeat_rate, recomputed from train.parquet), else as given."""
     from tca.errors import TcaError
 
+    value = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value  # --set gives text
     if isinstance(value, bool):
         return value
     if value != "auto":

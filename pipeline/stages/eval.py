@@ -44,17 +44,22 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
 
 
 def eval_config(params: dict, data_dir: Path):
-    """The EvalConfig and the split of the `eval:` section (`exclude_history: auto` resolved by the data's repeat rate)."""
+    """The EvalConfig and the split of the `eval:` section (`exclude_history: auto` resolved by the data's
+    repeat rate); a renormalized search uses the temperature the model was trained with (MSL's train.msl_tau)."""
+    from dataclasses import replace
+
     from pipeline.stages.data import resolve_exclude_history
     from tca.errors import TcaError
     from tca.evaluate import EvalConfig
+    from tca.train import TrainConfig
 
     section = dict(params["eval"])
     split = section.pop("split", "test")
     if split not in SPLITS:
         raise TcaError(f"eval.split: {split!r} is not a subset split; use one of {', '.join(SPLITS)}")
     section["exclude_history"] = resolve_exclude_history(section.get("exclude_history", False), data_dir, "eval.exclude_history")
-    return EvalConfig.from_params(section), split
+    cfg = EvalConfig.from_params(section)
+    return replace(cfg, tau=TrainConfig.from_params(params["train"], params["tca"]["alpha"]).loss_config.decode_tau), split
 
 
 def popularity_counts(data_dir: Path):

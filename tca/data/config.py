@@ -26,11 +26,14 @@ class DataConfig:
     min_user_interactions: int = 5
     min_history: int = 10
     history_len: int = 10
+    max_months: int = 0  # keep the interactions of the last max_months x 30 days only; 0 = all
     on_bad_line: str = "error"
 
     def __post_init__(self):
         _require_positive(self, "data", ("max_title_chars", "min_item_interactions",
                                          "min_user_interactions", "min_history", "history_len"))
+        if not isinstance(self.max_months, int) or isinstance(self.max_months, bool) or self.max_months < 0:
+            raise TcaError(f"data.max_months must be an integer >= 0 (0 = no time window), got {self.max_months!r}")
         if self.on_bad_line not in BAD_LINE_POLICIES:
             raise TcaError(f"data.on_bad_line must be one of {', '.join(BAD_LINE_POLICIES)}, "
                            f"got {self.on_bad_line!r}")

@@ -1,7 +1,8 @@
 """Raw interactions -> the `data` stage's tables, by the rules of DESIGN.md "Data".
 
 Chronological order everywhere is (timestamp, source user id, item key), the item key being
-the cleaned title when duplicate titles are merged and the source item id otherwise.
+the cleaned title when duplicate titles are merged and the source item id otherwise. Filters run
+in the authors' order: usable titles, the time window (`data.max_months`), the iterative k-core.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tca.errors import TcaError
 
 SPLITS = ("train", "valid", "test")
 STEPS = ("read source", "titles and duplicates", "k-core", "samples and split")
+MONTH_SECONDS = 30 * 24 * 3600  # data.max_months counts 30-day months, as the authors' preprocessing does
 
 
 @dataclass
@@ -39,6 +41,9 @@ def build(raw: sources.RawData, cfg: DataConfig, on_step: Callable[[str], None] 
     if inter.is_empty():
         raise TcaError(f"data.source={cfg.source}: no interaction refers to an item with a usable title "
                        f"(are the interactions and the item titles from the same dataset?)")
+    titled = inter.height
+    inter = recent(inter, cfg.max_months)
+    outside_window = titled - inter.height
     on_step(STEPS[1])
     inter = kcore(inter, cfg.min_item_interactions, cfg.min_user_interactions)
     if inter.is_empty():
@@ -64,6 +69,7 @@ def build(raw: sources.RawData, cfg: DataConfig, on_step: Callable[[str], None] 
         "repeat_rate": {name: repeat_rate(frame) for name, frame in splits.items()},
         "raw_interactions": raw.interactions.height,
         "bad_lines_skipped": raw.bad_lines,
+        "outside_time_window": outside_window,
     }
     return Dataset(items, splits, stats)
 
@@ -100,6 +106,14 @@ def encode(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     coded = titled.join(users, on="user").select("u", "i", "timestamp").sort("timestamp", "u", "i").collect()
     repeat = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in coded.columns]).fill_null(False)
     return coded.filter(~repeat)
+
+
+def recent(inter: pl.DataFrame, months: int) -> pl.DataFrame:
+    """The interactions later than the newest one minus `months` x 30 days (all when months is 0),
+    before the k-core, as the authors' preprocessing cuts Toys and Sports to 48 months."""
+    if months == 0:
+        return inter
+    return inter.filter(pl.col("timestamp") > inter["timestamp"].max() - months * MONTH_SECONDS)
 
 
 def kcore(inter: pl.DataFrame, min_item: int, min_user: int) -> pl.DataFrame:
