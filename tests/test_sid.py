@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,34 @@ def test_letter_pulls_quantized_latents_toward_cf_embeddings():
         train_letter(emb, cf[:50], SidConfig(**SMALL))
 
 
+def code_entropy(codes: np.ndarray, level: int) -> float:
+    """Entropy (nats) of the items' codes at one level."""
+    p = np.bincount(codes[:, level]) / len(codes)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
 def test_diversity_regularizer_spreads_codes():
+    """The regularizer is log K - H(mean soft assignment) per level, and training with it spreads
+    the second level's codes (the first follows the data's 6 clusters either way)."""
+    from tca.sid.letter import LetterRegularizer
+
     emb = clustered()
-    plain = train_letter(emb, emb[:, :8], SidConfig(**SMALL | {"cf_weight": 0.0, "codebook_size": 16}))
-    diverse = train_letter(emb, emb[:, :8], SidConfig(**SMALL | {"cf_weight": 0.0, "codebook_size": 16, "diversity_weight": 5.0}))
-    usage = lambda t: sum(semantic_ids(t.codes, 16)[1]["codebook_usage"])
-    assert usage(diverse) >= usage(plain)
+    cfg = SidConfig(**SMALL | {"cf_weight": 0.0, "codebook_size": 16})
+    plain = train_letter(emb, emb[:, :8], cfg)
+    diverse = train_letter(emb, emb[:, :8], replace(cfg, diversity_weight=5.0))
+    # measured: 1.90 -> 2.31 nats (other seeds: +0.21 to +0.65); a regularizer that does nothing gives +0
+    assert code_entropy(diverse.codes, 1) > code_entropy(plain.codes, 1) + 0.2
+
+    x = torch.from_numpy(emb[1:])
+    q = plain.model.encode(x)
+    want = 0.0
+    for level in range(cfg.levels):
+        d = ((q.residuals[:, level, None] - plain.model.codebooks[level][None]) ** 2).sum(-1)
+        mean = (-d / cfg.diversity_temperature).softmax(1).mean(0)
+        want += np.log(cfg.codebook_size) + (mean * mean.log()).sum().item()
+    got = LetterRegularizer(emb[:, :8], cfg).diversity(q, plain.model).item()
+    assert got == pytest.approx(want, rel=1e-4) and got > 0.01
 
 
 def test_bad_params_and_embeddings_raise():
