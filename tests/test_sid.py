@@ -207,20 +207,56 @@ def sid_dist(tmp_path):
     return DistReader(tmp_path / "dist.zarr", trie), samples
 
 
-def test_soft_ntp_takes_decoder_logits(sid_dist):
+def dense_decoder_losses(model, items: SidItems, trie: Trie, dist: DistReader, rows: pl.DataFrame, cfg: LossConfig,
+                         max_history: int) -> float:
+    """The summed loss written plainly over the whole vocabulary, position by position: the decoder
+    reads PAD then the gold codes; P is its softmax (MSL: over the node's trie children, of z / tau);
+    tca: -log <(1 - alpha) 1[gold] + alpha q, P>; kl: -log P(gold) + alpha KL(q || P)."""
+    ids, mask = items.histories(rows["history"], max_history)
+    target = items.targets(rows["item_id"].to_numpy())
+    decoder = torch.cat([torch.zeros_like(target[:, :1]), target[:, :-1]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits.double()
+    soft = dist.read(rows["sample_id"].to_numpy())
+    nodes = trie.paths(target.numpy())
+    total = 0.0
+    for b in range(len(target)):
+        for t, gold in enumerate(target[b].tolist()):
+            z = logits[b, t]
+            if cfg.msl:
+                node = nodes[b, t]
+                children = torch.from_numpy(trie.child_token[trie.child_ptr[node] : trie.child_ptr[node + 1]].astype(np.int64))
+                log_p = torch.full_like(z, float("-inf"))
+                log_p[children] = (z[children] / cfg.msl_tau).log_softmax(0)
+            else:
+                log_p = z.log_softmax(0)
+            k = int(soft.count[b, t])
+            q = torch.zeros_like(z).index_add_(0, soft.token[b, t, :k], soft.prob[b, t, :k].double())
+            if cfg.loss == "ntp":
+                total -= log_p[gold].item()
+            elif cfg.loss == "kl":
+                kl = torch.where(q > 0, q * (q.log() - log_p), 0.0).sum()
+                total += (-log_p[gold] + cfg.alpha * kl).item()
+            else:
+                y = cfg.alpha * q
+                y[gold] += 1 - cfg.alpha
+                total -= (y * log_p.exp()).sum().log().item()
+    return total
+
+
+@pytest.mark.parametrize("cfg", [LossConfig("ntp"), LossConfig("ntp", msl=True), LossConfig("tca", alpha=0.5),
+                                 LossConfig("tca", alpha=0.3, msl=True, msl_tau=0.5), LossConfig("kl", alpha=0.4)],
+                         ids=["ntp", "ntp-msl", "tca", "tca-msl-tau", "kl"])
+def test_soft_ntp_takes_decoder_logits(sid_dist, cfg):
+    """The T5's summed loss over a batch equals the dense per-position reference on its decoder logits."""
     dist, samples = sid_dist
     items, trie, _ = sid_catalog()
-    model = build_model(TINY_T5, vocab_size(items.table.numpy()))
+    model = build_model(TINY_T5, vocab_size(items.table.numpy())).eval()
     rows = samples.head(8)
-
-    def loss(cfg: LossConfig) -> float:
-        batch = SidBatcher(items, trie, dist, cfg, TINY_T5.max_history)(rows)
-        return seq2seq_loss(model.eval(), *batch, cfg).item()
-
-    ntp = loss(LossConfig("ntp"))
-    assert loss(LossConfig("tca", alpha=0.0)) == pytest.approx(ntp, rel=1e-5)
-    assert loss(LossConfig("tca", alpha=0.5)) != pytest.approx(ntp, rel=1e-3)
-    assert loss(LossConfig("ntp", msl=True)) < ntp  # the softmax over trie children only
+    batch = SidBatcher(items, trie, dist, cfg, TINY_T5.max_history)(rows)
+    with torch.no_grad():
+        got = seq2seq_loss(model, *batch, cfg).item()
+    assert got == pytest.approx(dense_decoder_losses(model, items, trie, dist, rows, cfg, TINY_T5.max_history), rel=1e-5)
     with pytest.raises(TcaError, match="cf_dist"):
         SidBatcher(items, trie, None, LossConfig("tca"), 5)
 
