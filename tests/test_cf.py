@@ -147,9 +147,13 @@ def test_interface_contract(spec, batch, frames):
         with_users = model.score(h, batch["user"][:8])
         assert with_users.shape == scores.shape and torch.isneginf(with_users[:, 0]).all()
         assert torch.equal(model.full_sort_predict({"history": h, "user": batch["user"][:8]}), with_users)
+        if not model.uses_users:  # user ids are only a hint: a model without user vectors ignores them
+            assert torch.equal(with_users, scores)
     loss = model.train().calculate_loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
+    for name, p in model.named_parameters():  # the loss reaches every weight (measured: all non-zero here)
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("spec", ALL_MODELS)
