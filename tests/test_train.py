@@ -2,6 +2,7 @@
 reference loop, learning happens, gradient accumulation is token-exact, resuming is exact, and the
 `train` stage writes its artifacts."""
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from pipeline.context import StageContext
 from tca.collab import CollabConfig, token_dist
 from tca.collab_store import DistReader, DistWriter
+from tca.errors import TcaError
 from tca.llm import ItemTargets, LoraSettings, encode, load_model
 from tca.prompt import PromptBuilder
 from tca.train import Batcher, TrainConfig, Trainer, linear_schedule
@@ -214,6 +216,26 @@ def test_resume_continues_exactly(world, tiny_model_dir, tmp_path, monkeypatch):
     assert strip(read_log(tmp_path / "resumed")) == strip(read_log(tmp_path / "full"))
     for f in (tmp_path / "full" / "adapter").iterdir():
         assert f.read_bytes() == (tmp_path / "resumed" / "adapter" / f.name).read_bytes(), f.name
+
+
+def test_resume_refuses_another_config_data_or_world_size(world, tiny_model_dir, tmp_path):
+    """A checkpoint is continued only by the run that wrote it: other params, other samples or another
+    number of processes are refused with an error naming the work dir to delete, and it stays as it was."""
+    cfg = replace(BASE, checkpoint_every=1)
+    work = tmp_path / "work"
+    trainer(world, tiny_model_dir, cfg, work).run()
+    saved = (work / "state.pt").read_bytes()
+    refused = f"checkpoint of another configuration, data or number of processes; delete {re.escape(str(work))}"
+    for other, samples in ((replace(cfg, lr=1e-3), None), (replace(cfg, loss="ntp"), None), (cfg, world["samples"].head(16))):
+        with pytest.raises(TcaError, match=refused):
+            trainer(world, tiny_model_dir, other, work, samples=samples).run()
+        assert (work / "state.pt").read_bytes() == saved
+
+    checkpoint = torch.load(work / "state.pt", weights_only=False)
+    checkpoint["world_size"] = 2  # as if 2 data-parallel processes had written it (the real case: test_ddp_resume)
+    torch.save(checkpoint, work / "state.pt")
+    with pytest.raises(TcaError, match=refused):
+        trainer(world, tiny_model_dir, cfg, work).run()
 
 
 def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, monkeypatch):
