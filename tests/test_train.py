@@ -239,6 +239,94 @@ def test_resume_refuses_another_config_data_or_world_size(world, tiny_model_dir,
         trainer(world, tiny_model_dir, cfg, work).run()
 
 
+def ddp_resume_worker(rank: int, port: int, model_dir: Path, samples: pl.DataFrame, valid: pl.DataFrame, cfg: TrainConfig,
+                      lora: LoraSettings, root: Path) -> None:
+    """One of 2 gloo ranks: an uninterrupted run in root/full; a run in root/resumed killed on every rank
+    right after its second checkpoint, then resumed; then a run with another lr on root/resumed, whose
+    refusal each rank writes to root/refused<rank>.txt."""
+    import datetime
+    import os
+
+    from transformers import AutoTokenizer
+
+    from tca import ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        targets = target_ids(tokenizer, pl.Series(TITLES[1:]))
+        trie = build_trie(np.arange(1, N_ITEMS + 1), targets)
+
+        def make(work: Path, c: TrainConfig = cfg) -> Trainer:
+            torch.manual_seed(c.seed)
+            model = load_model(model_dir, lora=lora)
+            batcher = Batcher(PromptBuilder(tokenizer, TITLES), ItemTargets(np.arange(1, N_ITEMS + 1), targets), trie, None,
+                              c.loss_config, c.max_len, tokenizer.pad_token_id)
+            return Trainer(model, batcher, samples, valid, c, work, log=lambda msg: None, world=ddp.World(rank, 2))
+
+        make(root / "full").run()
+        real_save, saves = Trainer.save_checkpoint, []
+
+        def killed_after_two(self):
+            real_save(self)
+            saves.append(self.state["step"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+
+        Trainer.save_checkpoint = killed_after_two
+        try:
+            make(root / "resumed").run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            Trainer.save_checkpoint = real_save
+        make(root / "resumed").run()
+        try:
+            make(root / "resumed", replace(cfg, lr=2 * cfg.lr)).run()
+        except TcaError as err:
+            (root / f"refused{rank}.txt").write_text(str(err))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_resume_continues_exactly_and_refuses_another_world_size(world, tiny_model_dir, tmp_path):
+    """2 gloo ranks (LoRA dropout on, validation split across ranks), killed after the step-4 checkpoint
+    and resumed: the adapter and the log of the uninterrupted 2-rank run. Every rank refuses a
+    checkpoint of another config (none hangs), and one process refuses the 2-rank checkpoint."""
+    import socket
+    import time
+
+    cfg = replace(BASE, loss="ntp", epochs=2, micro_batch=2, grad_accum=1, checkpoint_every=2, eval_every=1, log_every=1)
+    lora = replace(LORA, dropout=0.1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = torch.multiprocessing.start_processes(
+        ddp_resume_worker, args=(port, tiny_model_dir, world["samples"], world["valid"], cfg, lora, tmp_path),
+        nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2 ranks did not finish in 240 s (a rank waiting on a collective the other never reached)")
+
+    checkpoint = torch.load(tmp_path / "resumed" / "state.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and checkpoint["state"]["step"] == 10  # 20 samples, 2 x 2 per step, 2 epochs
+    assert not torch.equal(checkpoint["rng"][0]["cpu"], checkpoint["rng"][1]["cpu"])  # each rank drew its own dropout
+    for f in (tmp_path / "full" / "adapter").iterdir():
+        assert f.read_bytes() == (tmp_path / "resumed" / "adapter" / f.name).read_bytes(), f.name
+    strip = lambda log: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]  # noqa: E731
+    log = strip(read_log(tmp_path / "resumed"))
+    assert log == strip(read_log(tmp_path / "full")) and sum("valid" in r for r in log) == 2
+    refused = "checkpoint of another configuration, data or number of processes"
+    assert all(refused in (tmp_path / f"refused{rank}.txt").read_text() for rank in (0, 1))
+    with pytest.raises(TcaError, match=refused):
+        trainer(world, tiny_model_dir, cfg, tmp_path / "resumed", lora).run()
+
+
 def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, monkeypatch):
     from tca.evaluate import Evaluation
 
