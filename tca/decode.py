@@ -94,7 +94,7 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
 
     with switched_to(model, ids.shape[1] + trie.max_depth):
         return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance, tau,
-                      None if excluded is None else excluded.to(device))
+                      excluded=None if excluded is None else excluded.to(device))
 
 
 def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormalize: bool,

@@ -147,9 +147,13 @@ def test_interface_contract(spec, batch, frames):
         with_users = model.score(h, batch["user"][:8])
         assert with_users.shape == scores.shape and torch.isneginf(with_users[:, 0]).all()
         assert torch.equal(model.full_sort_predict({"history": h, "user": batch["user"][:8]}), with_users)
+        if not model.uses_users:  # user ids are only a hint: a model without user vectors ignores them
+            assert torch.equal(with_users, scores)
     loss = model.train().calculate_loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
+    for name, p in model.named_parameters():  # the loss reaches every weight (measured: all non-zero here)
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("spec", ALL_MODELS)
@@ -290,6 +294,18 @@ def write_data_artifact(root, frames):
     return data
 
 
+def popularity_reference(train_targets: list[int], test_targets: list[int]) -> dict[str, float]:
+    """HR@k / NDCG@k of ranking items by how often they are a train target (ties: lower id first),
+    written plainly."""
+    count = Counter(train_targets)
+    out = {}
+    for k in (1, 5, 10):
+        ranks = [sum(count[i] > count[t] or (count[i] == count[t] and i < t) for i in range(1, N_ITEMS + 1)) for t in test_targets]
+        out[f"hr@{k}"] = sum(r < k for r in ranks) / len(ranks)
+        out[f"ndcg@{k}"] = sum(1 / np.log2(r + 2) for r in ranks if r < k) / len(ranks)
+    return out
+
+
 def test_stage_run_and_inspect(frames, tmp_path):
     write_data_artifact(tmp_path / "artifacts", frames)
     params = {"cf": tiny(max_epochs=2).to_dict()}
@@ -300,7 +316,14 @@ def test_stage_run_and_inspect(frames, tmp_path):
     assert set(metrics) == {"test", "valid", "popularity"} and set(metrics["popularity"]) == {"test"}
     assert set(metrics["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (1, 5, 10)}
     test = Samples.from_frame(frames["test"], HIST)
-    assert evaluate(load_checkpoint(out / "model.pt"), test) == metrics["test"]
+    model = load_checkpoint(out / "model.pt")
+    assert evaluate(model, test) == metrics["test"]
+    assert evaluate(model, Samples.from_frame(frames["valid"], HIST)) == metrics["valid"]  # the kept (best) epoch's
+    want = popularity_reference(frames["train"]["item_id"].to_list(), frames["test"]["item_id"].to_list())
+    assert metrics["popularity"]["test"].keys() == want.keys()
+    for key, value in want.items():
+        assert metrics["popularity"]["test"][key] == pytest.approx(value, abs=1e-12), key
+    assert 0 < want["hr@10"] < 1  # the planted popularity is a real but imperfect baseline here
 
     (tmp_path / "artifacts" / "cf").symlink_to(out)
     text = cf_stage.inspect(tmp_path / "artifacts" / "cf", params)

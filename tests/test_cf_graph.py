@@ -129,15 +129,28 @@ def test_graph_models_need_user_ids_and_a_graph():
 
 
 @pytest.mark.parametrize("spec", ["lightgcn", "alpharec", "rlmrec"])
-def test_fit_keeps_the_best_state_and_the_checkpoint_scores_alike(spec, tmp_path):
+def test_fit_keeps_the_best_state_and_the_checkpoint_scores_alike(spec, tmp_path, monkeypatch):
     """train_cf restores the best epoch's state into the prepared model (RLMRec's profile MLPs
-    included); the checkpoint, rebuilt without side inputs, gives the same scores."""
+    included): with a scripted valid NDCG@10 peaking at epoch 2, the returned weights are those
+    seen at epoch 2, not the last epoch's; the checkpoint, rebuilt without side inputs, gives the same scores."""
+    from tca.cf import train as cf_train
     from tca.cf.registry import load_checkpoint, save_checkpoint
-    from tca.cf.train import train_cf
 
+    values, snapshots = iter([0.2, 0.5, 0.4, 0.3, 0.9]), []
+
+    def scripted_evaluate(model, valid):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"ndcg@10": next(values)}
+
+    monkeypatch.setattr(cf_train, "evaluate", scripted_evaluate)
     s = samples()
-    model, result = train_cf(tiny(model=spec, loss="bpr", max_epochs=3, patience=1, batch_size=2), N_ITEMS, s, s, inputs=inputs())
-    assert 1 <= result.best_epoch <= result.epochs <= 3
+    model, result = cf_train.train_cf(tiny(model=spec, loss="bpr", max_epochs=5, patience=2, batch_size=2), N_ITEMS, s, s, inputs=inputs())
+    assert (result.best_epoch, result.epochs, result.best_valid) == (2, 4, {"ndcg@10": 0.5})
+    assert len(snapshots) == 4 and not all(torch.equal(v, snapshots[3][k]) for k, v in snapshots[1].items())  # epochs moved the weights
+    state = model.state_dict()
+    assert state.keys() == snapshots[1].keys()
+    for name, value in state.items():
+        assert torch.equal(value, snapshots[1][name]), name
     save_checkpoint(model, tmp_path / "model.pt")
     loaded = load_checkpoint(tmp_path / "model.pt")
     with torch.no_grad():

@@ -60,9 +60,14 @@ def test_table_bolds_the_best_of_each_metric_column():
 
 def test_varying_param_finds_the_one_numeric_param():
     assert varying_param([Row(r) for r in ALPHA]) == "tca.alpha"
-    assert varying_param([Row(r) for r in MAIN]) == "train.loss" or varying_param([Row(r) for r in MAIN]) is None
     assert varying_param([Row(r) for r in MAIN]) is None  # a string param: bars, not a line
     assert varying_param([Row(ALPHA[0])]) is None
+    teacher = record("alpha", "teacher", metrics(0, 0, 0, 0), show="cf", params={"tca.alpha": 7.0, "cf.size": 3})
+    assert varying_param([Row(r) for r in [teacher, *ALPHA]]) == "tca.alpha"  # the CF row's params do not count
+    two = [record("grid", f"{a}-{lr}", metrics(0, 0, 0, 0), params={"tca.alpha": a, "train.lr": lr}) for a, lr in ((0.1, 1e-4), (0.5, 1e-3))]
+    assert varying_param([Row(r) for r in two]) is None  # two params vary: no single x axis
+    flags = [record("msl", str(on), metrics(0, 0, 0, 0), params={"train.msl": on}) for on in (False, True)]
+    assert varying_param([Row(r) for r in flags]) is None  # a bool is not a number to plot along
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -236,3 +236,54 @@ def test_each_rank_draws_its_own_random_numbers():
         torch.manual_seed(rank_seed(42, rank))
         masks.append(torch.nn.functional.dropout(torch.ones(256), 0.5))
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_a_killed_train_stage_resumes_from_its_resume_dir(root, base, monkeypatch, capsys):
+    """Killed right after its step-1 checkpoint, the train stage leaves artifacts/.resume/train-<key>/
+    and locks nothing; a run with other params does not touch it; a rerun with the same params and
+    inputs resumes there at step 1, ends with the adapter and log of an uninterrupted run, and removes it."""
+    from pipeline.stages import train as train_stage
+    from tca.train import Trainer
+
+    quiet = lambda msg: None  # noqa: E731
+    overrides = ["train.checkpoint_every=1"]  # when checkpoints happen, not what training computes
+    lock_before = Project(root).lock()["train"]
+    real_save = Trainer.save_checkpoint
+
+    def killed_after_saving(self):
+        real_save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        Project(root, overrides, device="cpu").run(["train"], force=True, log=quiet)
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    resume = root / "artifacts" / ".resume"
+    (killed,) = resume.iterdir()
+    ctx = StageContext("train", Project(root, overrides).params, root / "unused", root / "artifacts")
+    assert killed == train_stage.resume_dir(ctx)
+    assert torch.load(killed / "state.pt", weights_only=False)["state"]["step"] == 1
+    assert Project(root).lock()["train"] == lock_before  # the killed run locked nothing
+
+    other = StageContext("train", Project(root, [*overrides, "train.lr=0.001"]).params, root / "unused", root / "artifacts")
+    assert train_stage.resume_dir(other) != killed  # other params: another dir
+    subset = root / "artifacts" / "subset" / "train.parquet"
+    os.utime(subset, ns=(subset.stat().st_atime_ns, subset.stat().st_mtime_ns + 10**9))
+    assert train_stage.resume_dir(ctx) != killed  # a rewritten input: another dir
+    os.utime(subset, ns=(subset.stat().st_atime_ns, subset.stat().st_mtime_ns - 10**9))
+    assert train_stage.resume_dir(ctx) == killed
+
+    capsys.readouterr()
+    Project(root, [*overrides, "train.lr=0.001"], device="cpu").run(["train"], log=quiet)
+    assert "resumed" not in capsys.readouterr().out and (killed / "state.pt").exists()
+    Project(root, overrides, device="cpu").run(["train"], log=quiet)
+    assert f"resumed from {killed / 'state.pt'} at step 1/2" in capsys.readouterr().out
+    assert not any(resume.iterdir()) and not list((root / "artifacts" / ".tmp").glob("train-*"))
+
+    one, two = base / "artifacts" / "train", root / "artifacts" / "train"
+    ref, got = load_file(one / "adapter" / "adapter_model.safetensors"), load_file(two / "adapter" / "adapter_model.safetensors")
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6)
+    strip = lambda d: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(two) == strip(one)

@@ -172,7 +172,7 @@ def sid_beam_search(model, ids: torch.Tensor, mask: torch.Tensor, trie: DeviceTr
         return logits_of(prefix, sample)
 
     return search(trie, logits_of(prefix, torch.arange(len(ids), device=ids.device)), num_beams, length_penalty, renormalize, advance,
-                  None if excluded is None else excluded.to(ids.device))
+                  excluded=None if excluded is None else excluded.to(ids.device))
 
 
 def recommend_sids(model, items: SidItems, trie: Trie, histories: pl.Series, cfg: EvalConfig, max_history: int,
