@@ -170,14 +170,32 @@ class Project:
 
     def check_params(self) -> None:
         """Every stage module's `check_params(params)` (which builds its typed configs), so that a bad
-        value in any section stops `run`, `--dry` and `status` before anything runs."""
+        value in any section stops `run`, `--dry` and `status` before anything runs. The configs
+        live beside torch code (seconds to import), so a params + code combination that passed is
+        remembered in artifacts/.cache/checked_params.json and not checked again."""
         if self._params_checked:
+            return
+        try:
+            code = {self.label(p): self.hashes.file(p) for stage in self.graph.stages.values() for p in self.code_files(stage)}
+        except TcaError:
+            code = None  # a missing code file: check without remembering (and let status name it)
+        key = hashlib.sha256(json.dumps([self.flat, code], sort_keys=True, default=str).encode()).hexdigest()
+        memo = self.artifacts / ".cache" / "checked_params.json"
+        try:
+            seen = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            seen = []
+        seen = seen if isinstance(seen, list) else []
+        if code is not None and key in seen:
+            self._params_checked = True
             return
         for stage in self.graph.stages.values():
             check = getattr(self.module(stage), "check_params", None)
             if check is not None:
                 check(self.params)
         self._params_checked = True
+        if code is not None:
+            atomic_write_text(memo, json.dumps([*seen[-99:], key]))
 
     def module(self, stage: Stage) -> ModuleType:
         try:

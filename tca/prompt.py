@@ -18,6 +18,7 @@ import numpy as np
 
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, ragged_index
+from tca.trie import template_parts
 
 SLOTS = ("item", "user")
 USER_SLOT_TEXT = "\nUser preference feature: "  # CoLLM's wording: the user's preferences "encoded in the feature"
@@ -32,6 +33,13 @@ class PromptConfig:
     domain: str = "movies"  # the paper's word per dataset: movies, toys, sports products, office products
     target_template: str = "{title}"
     instruction: str = DEFAULT_INSTRUCTION
+
+    def __post_init__(self):
+        try:
+            self.instruction.format(domain=self.domain)
+        except (KeyError, IndexError, ValueError) as err:
+            raise TcaError(f"prompt.instruction: {self.instruction!r} may only use the field {{domain}} ({err})") from err
+        template_parts(self.target_template)
 
 
 @dataclass
@@ -52,10 +60,7 @@ class PromptBuilder:
         """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
         "item" puts a CF slot after each history title, "user" one after the history (its ids are
         the pad token's; `tca.hybrid_prompt` replaces their input embeddings)."""
-        try:
-            head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "
-        except (KeyError, IndexError) as err:
-            raise TcaError(f"prompt.instruction: {cfg.instruction!r} may only use the field {{domain}} ({err})") from err
+        head = cfg.instruction.format(domain=cfg.domain) + "\nUser interaction history: "  # checked by PromptConfig
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
         tail = f"\nThe {cfg.domain} the user is most likely to interact with next:\n"

@@ -9,12 +9,19 @@ import polars as pl
 
 from pipeline.context import StageContext, lookup
 from tca.data import SPLITS, DataConfig, parse, prepare
+from tca.config import check_keys
 from tca.data.process import STEPS
 
 
 def external_deps(params: dict) -> list[Path]:
     """The raw files the source resolves to (their content is part of the stage's fingerprint)."""
     return [path.resolve() for path in parse(lookup(params, "data.source")).files]
+
+
+def check_params(params: dict) -> None:
+    """The `data:` section as its typed config, and the form of data.source."""
+    check_keys(DataConfig, params["data"], "data")
+    parse(DataConfig(**params["data"]).source)
 
 
 def run(ctx: StageContext) -> None:

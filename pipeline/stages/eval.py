@@ -32,7 +32,7 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
     hybrid = None
     if (adapter / RECORD).exists():
-        hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
+        hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device, params["cf"]["model"]))
     model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True,
                        cf_dim=None if hybrid is None else hybrid.cf_dim)
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
@@ -54,6 +54,13 @@ def eval_config(params: dict):
     return EvalConfig.from_params(section), split
 
 
+def check_params(params: dict) -> None:
+    from tca.prompt import PromptConfig
+
+    eval_config(params)
+    PromptConfig(**params["prompt"])
+
+
 def run(ctx: StageContext) -> None:
     from tca.cf.registry import load_checkpoint
     from tca.evaluate import evaluate
@@ -62,7 +69,7 @@ def run(ctx: StageContext) -> None:
     samples = read_samples(ctx, split)
     lo, hi = ctx.shard_range(samples.height)
     samples = samples[lo:hi]
-    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model"))
     adapter = ctx.input("train") / "adapter"
     shard = '' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'
     if (adapter / SID_RECORD).exists():
@@ -125,7 +132,7 @@ def merge(ctx: StageContext, shards: list[Path]) -> None:
     predictions = pl.concat([pl.read_parquet(shard / "predictions.parquet") for shard in shards])
     if predictions["sample_id"].to_list() != samples["sample_id"].to_list():
         raise TcaError(f"the predictions of the shards in {shards[0].parent} are not those of the {split} subset's samples; rerun the shards")
-    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device))
+    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model")))
     decodes = [json.loads((shard / "metrics.json").read_text())["decode"] for shard in shards]
     seconds = sum(d["seconds"] for d in decodes)
     result.metrics["decode"] = decodes[0] | {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / max(seconds, 1e-9), 3),
@@ -169,7 +176,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     titles = ["", *pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()]
     pred = pl.read_parquet(artifact_dir / "predictions.parquet", n_rows=SHOWN)
     samples = pred.join(pl.read_parquet(artifacts / "subset" / f"{metrics['split']}.parquet"), on="sample_id", how="left", maintain_order="left")
-    cf = load_checkpoint(artifacts / "cf" / "model.pt")
+    cf = load_checkpoint(artifacts / "cf" / "model.pt", plugin=params["cf"]["model"])
     with torch.no_grad():
         cf_top = cf.score(pad_histories(samples["history"], cf.cfg.max_len)).topk(10).indices.tolist()
 
