@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
@@ -37,16 +36,9 @@ class RunCache:
         return self.root / stage / key
 
     def entry(self, stage: str, key: str) -> dict | None:
-        """The lock entry recorded with a cached run, or None if that run was never kept. A damaged
-        entry is a miss: it is dropped with a warning, and the stage computes afresh."""
-        folder = self._dir(stage, key)
-        if not folder.exists():
-            return None
-        entry = read_entry(folder / "entry.yaml")
-        if entry is None:
-            print(f"warning: {folder} is a damaged run-cache entry; dropping it", file=sys.stderr)
-            shutil.rmtree(folder, ignore_errors=True)
-        return entry
+        """The lock entry recorded with a cached run, or None if that run was never kept or its
+        entry is damaged (a miss: the runner's `recover` drops such folders, with a message)."""
+        return read_entry(self._dir(stage, key) / "entry.yaml")
 
     def link(self, stage: str, key: str, outputs: Path) -> Path:
         """Stage a run's outputs for the cache (hard links in a hidden folder); `commit` keeps them."""

@@ -346,7 +346,7 @@ class Project:
             handle.flush()
             try:
                 for what in self.recover():
-                    log(f"removed leftovers of a killed run: {what}")
+                    log(what)
                 yield
             finally:
                 handle.truncate(0)
@@ -366,10 +366,11 @@ class Project:
                     if final.exists():
                         os.replace(final, old.with_name(old.name + ".new"))
                     os.replace(old, final)
-                done.append(f"artifacts/{name}/ restored: a run was killed between swapping it and writing stages.lock")
+                done.append(f"restored artifacts/{name}/: a run was killed between swapping it in and writing stages.lock")
         for path, size in self.leftovers():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-            done.append(f"{self.label(path)} ({human(size)})")
+            kind = "a damaged or half-written run-cache entry" if path.is_relative_to(self.cache.root) else "a killed run's leftover"
+            done.append(f"removed {kind}: {self.label(path)} ({human(size)})")
         self._tree_memo = {}
         return done
 
