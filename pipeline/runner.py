@@ -308,8 +308,8 @@ class Project:
         if not path.exists():
             return None
         with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # shared: a run starting meanwhile is not refused because of this probe
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return handle.read().strip() or "a tca process"
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -318,7 +318,8 @@ class Project:
     def leftovers(self) -> list[tuple[Path, int]]:
         """What killed runs left behind (temp folders, half-saved cache entries, temp files), with
         sizes; the next `tca run` or `tca gc` removes them. Only meaningful while nothing runs."""
-        found = sorted(self.artifacts.joinpath(".tmp").glob("*")) + self.cache.broken()
+        found = [p for p in sorted(self.artifacts.joinpath(".tmp").glob("*")) if not (p.is_dir() and not any(p.iterdir()))]
+        found += self.cache.broken()
         found += [p for p in (self.lock_path.parent.glob(".stages.lock.*.tmp")) if p.is_file()]
         found += sorted(self.hashes.path.parent.glob(f".{self.hashes.path.name}.*.tmp"))
         return [(p, _size(p)) for p in found]
