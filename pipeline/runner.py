@@ -8,8 +8,9 @@ swap and lock write to finish (a SIGKILL in between is rolled back by the next r
 Every param section is checked (each stage module's `check_params`) before anything runs.
 
 Scale out: a stage with a `merge` function runs as shards (`run_shard`, under a shared project
-lock, so shards run side by side but never beside a run or gc) into artifacts/.shards/<stage>/<key>/<i>-of-<n>/, and `merge` joins a
-complete set made with the current key into the stage's normal artifact and lock entry. Under
+lock, so shards run side by side but never beside a run or gc) into
+artifacts/.shards/<stage>/<key>/<i>-of-<n>/, and `merge` joins a complete set made with the
+current key into the stage's normal artifact and lock entry. Under
 torchrun (WORLD_SIZE > 1) rank 0 is the runner and tells the other ranks which stages to compute;
 they compute into a scratch dir they delete and never touch the lock, cache or artifacts.
 """
@@ -109,9 +110,9 @@ def deferred_interrupts():
 
 
 def _size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size if path.exists() or path.is_symlink() else 0
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+    return path.lstat().st_size
 
 
 def human(size: int) -> str:

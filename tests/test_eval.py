@@ -31,6 +31,7 @@ PARAMS = {
     "eval": {"split": "test", "num_beams": 4, "length_penalty": 1.0, "renormalize": False, "batch_size": 3},
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
+    "cf": {"model": "sasrec"},  # the checkpoint loads only as the caller's cf.model names it
 }
 
 
