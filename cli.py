@@ -117,7 +117,7 @@ def status(overrides, params_file):
     holder = proj.running()
     if holder is not None:
         click.echo(f"note: {holder} is running now; what it writes shows when it finishes")
-    elif leftovers := proj.leftovers():
+    elif leftovers := [(path, size) for path, size in proj.leftovers() if size]:  # an empty folder costs nothing
         click.echo("leftovers of killed runs (the next `tca run` or `tca gc` removes them):")
         for path, size in leftovers:
             click.echo(f"    {proj.label(path)} ({human(size)})")

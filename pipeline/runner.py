@@ -319,8 +319,7 @@ class Project:
     def leftovers(self) -> list[tuple[Path, int]]:
         """What killed runs left behind (temp folders, half-saved cache entries, temp files), with
         sizes; the next `tca run` or `tca gc` removes them. Only meaningful while nothing runs."""
-        found = [p for p in sorted(self.artifacts.joinpath(".tmp").glob("*")) if not (p.is_dir() and not any(p.iterdir()))]
-        found += self.cache.broken()
+        found = sorted(self.artifacts.joinpath(".tmp").glob("*")) + self.cache.broken()
         found += [p for p in (self.lock_path.parent.glob(".stages.lock.*.tmp")) if p.is_file()]
         found += sorted(self.hashes.path.parent.glob(f".{self.hashes.path.name}.*.tmp"))
         return [(p, _size(p)) for p in found]
