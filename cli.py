@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.runner import Project, find_root
+from pipeline.runner import Project, human, find_root
 from tca.errors import TcaError
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -35,8 +35,9 @@ class Cli(click.Group):
         except TcaError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.secho("interrupted: the previous outputs and stages.lock are untouched", fg="yellow", err=True)
+        except KeyboardInterrupt:  # the runner lets a stage's swap and lock write finish first
+            click.secho("interrupted: stages that finished are saved and locked; the interrupted stage's "
+                        "previous outputs and stages.lock entry are untouched", fg="yellow", err=True)
             sys.exit(130)
 
 
@@ -104,20 +105,28 @@ def merge(name, overrides, params_file, device):
 @set_option
 @params_option
 def status(overrides, params_file):
-    """Show each stale stage and exactly why it is stale."""
-    stale = project(overrides, params_file=params_file).status()
+    """Show each stale stage and exactly why it is stale (and what killed runs left behind)."""
+    proj = project(overrides, params_file=params_file)
+    stale = proj.status()
     if not stale:
         click.echo("everything is up to date")
     for name, reasons in stale.items():
         click.echo(f"{name}:")
         for reason in reasons:
             click.echo(f"    {reason}")
+    holder = proj.running()
+    if holder is not None:
+        click.echo(f"note: {holder} is running now; what it writes shows when it finishes")
+    elif leftovers := [(path, size) for path, size in proj.leftovers() if size]:  # an empty folder costs nothing
+        click.echo("leftovers of killed runs (the next `tca run` or `tca gc` removes them):")
+        for path, size in leftovers:
+            click.echo(f"    {proj.label(path)} ({human(size)})")
 
 
 @main.command()
 def gc():
-    """Remove run-cache entries that stages.lock does not reference."""
-    removed, kept = project().gc()
+    """Remove run-cache entries that stages.lock does not reference (and what killed runs left)."""
+    removed, kept = project().gc(log=click.echo)
     click.echo(f"removed {removed} cached run(s), kept {kept}")
 
 
@@ -132,7 +141,16 @@ def inspect(stage, overrides, params_file):
     describe = getattr(proj.module(proj.graph.stages[stage]), "inspect", None)
     if describe is None:
         raise TcaError(f"stage `{stage}` has no inspect view; its files are in {path}")
-    click.echo(describe(path, proj.params))
+    try:
+        text = describe(path, proj.params)
+    except TcaError:
+        raise
+    except Exception as err:  # a damaged or foreign file in the artifact: any reader's error
+        stale = proj.status().get(stage)
+        why = f" (`tca status`: {'; '.join(stale)})" if stale else ""
+        raise TcaError(f"cannot read {path}{why}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                       f"recompute it with `tca run-stage {stage} --force`") from err
+    click.echo(text)
 
 
 @main.command()

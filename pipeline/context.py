@@ -9,6 +9,10 @@ A stage module (``pipeline/stages/<name>.py``) defines:
 - optionally ``external_deps(params: dict) -> list[Path]``: files outside ``artifacts/``
   that the stage reads (e.g. the raw data files a ``data.source`` param points to); their
   content hashes take part in staleness like any dep.
+- optionally ``check_params(params: dict) -> None``: builds the typed config of every param section
+  the stage reads (each config validates itself), raising TcaError on a bad value; the runner calls
+  it for every stage before `run`, `--dry` or `status` does anything, so a new param slots in by
+  being a field of its section's config.
 - optionally ``inspect(artifact: Path, params: dict) -> str``: the human summary that
   ``tca inspect <name>`` prints.
 - optionally ``merge(ctx: StageContext, shards: list[Path]) -> None``: the stage can be split by

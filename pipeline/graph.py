@@ -19,6 +19,7 @@ class Stage:
     deps: tuple[str, ...]  # upstream stage names
     params: tuple[str, ...]  # declared param keys or sections
     outs: tuple[str, ...]  # paths under artifacts/<name>/
+    plugins: tuple[str, ...] = ()  # param keys that may name a module:Class; its source file is stage code
 
     @property
     def module_path(self) -> str:
@@ -73,9 +74,9 @@ def load_graph(path: Path) -> Graph:
         where = f"{path}: stage `{name}`"
         if not isinstance(spec, dict) or "entry" not in spec:
             raise TcaError(f"{where}: needs at least `entry:` (its pipeline module)")
-        unknown = set(spec) - {"entry", "code", "deps", "params", "outs"}
+        unknown = set(spec) - {"entry", "code", "deps", "params", "outs", "plugins"}
         if unknown:
-            raise TcaError(f"{where}: unknown field(s) {sorted(unknown)}; fields: entry, code, deps, params, outs")
+            raise TcaError(f"{where}: unknown field(s) {sorted(unknown)}; fields: entry, code, deps, params, outs, plugins")
         stages[name] = Stage(
             name=name,
             entry=spec["entry"],
@@ -83,6 +84,7 @@ def load_graph(path: Path) -> Graph:
             deps=_as_tuple(spec.get("deps"), "deps", where),
             params=_as_tuple(spec.get("params"), "params", where),
             outs=_as_tuple(spec.get("outs"), "outs", where),
+            plugins=_as_tuple(spec.get("plugins"), "plugins", where),
         )
     flat = flatten(defaults)
     for stage in stages.values():
@@ -93,6 +95,9 @@ def load_graph(path: Path) -> Graph:
             select(flat, list(stage.params))
         except TcaError as err:
             raise TcaError(f"{path}: stage `{stage.name}`: {err}") from None
+        for key in stage.plugins:
+            if key not in flat:
+                raise TcaError(f"{path}: stage `{stage.name}` lists plugin param `{key}`, which has no default in `params:`")
     return Graph(stages=_topological(stages, path), defaults=defaults, path=path)
 
 

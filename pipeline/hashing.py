@@ -1,4 +1,4 @@
-"""Content hashes of files and folders, cached on (size, mtime_ns, inode) so status is instant."""
+"""Content hashes of files and folders, cached on (inode, size, mtime_ns, ctime_ns) so status is instant."""
 from __future__ import annotations
 
 import hashlib
@@ -21,20 +21,23 @@ def _digest(path: Path) -> str:
 
 
 class HashCache:
-    """md5 per file, keyed on (device, inode, size, mtime_ns): renames and the run cache's
-    hard links keep their entry, any write changes the key. `tca gc` starts it afresh."""
+    """md5 per file, keyed on (device, inode, size, mtime_ns, ctime_ns): renames and the run cache's
+    hard links keep their entry, any write changes the key (ctime too: an edit that puts the mtime
+    back still moves it). A damaged cache file is an empty cache; `tca gc` starts it afresh."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.entries: dict[str, str] = json.loads(path.read_text())
+            entries = json.loads(path.read_text())
         except (OSError, ValueError):
-            self.entries = {}
+            entries = {}
+        valid = isinstance(entries, dict) and all(isinstance(v, str) for v in entries.values())
+        self.entries: dict[str, str] = entries if valid else {}
         self.dirty = False
 
     def file(self, path: Path) -> str:
         st = path.stat()
-        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
         digest = self.entries.get(key)
         if digest is None:
             digest = self.entries[key] = _digest(path)

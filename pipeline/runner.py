@@ -3,11 +3,14 @@
 A stage is stale when it has no lock entry, or when its code, a dep (an upstream stage's
 artifacts or an external file), a declared param or one of its outputs differs from what
 `stages.lock` recorded, or when an upstream stage is stale. Outputs are written to a fresh
-temporary folder and moved into place; the lock entry is written last.
+temporary folder and moved into place; the lock entry is written last, and Ctrl-C waits for that
+swap and lock write to finish (a SIGKILL in between is rolled back by the next runner, see `recover`).
+Every param section is checked (each stage module's `check_params`) before anything runs.
 
-Scale out: a stage with a `merge` function runs as shards (`run_shard`, no project lock, so
-shards run side by side) into artifacts/.shards/<stage>/<key>/<i>-of-<n>/, and `merge` joins a
-complete set made with the current key into the stage's normal artifact and lock entry. Under
+Scale out: a stage with a `merge` function runs as shards (`run_shard`, under a shared project
+lock, so shards run side by side but never beside a run or gc) into
+artifacts/.shards/<stage>/<key>/<i>-of-<n>/, and `merge` joins a complete set made with the
+current key into the stage's normal artifact and lock entry. Under
 torchrun (WORLD_SIZE > 1) rank 0 is the runner and tells the other ranks which stages to compute;
 they compute into a scratch dir they delete and never touch the lock, cache or artifacts.
 """
@@ -19,11 +22,13 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +41,7 @@ from .context import StageContext
 from .graph import Graph, Stage, load_graph
 from .hashing import HashCache, atomic_write_text
 from .params import apply_file, apply_overrides, flatten, select
-from .runcache import RunCache
+from .runcache import RunCache, entry_problem
 
 
 @dataclass
@@ -75,7 +80,42 @@ def find_root(start: Path) -> Path:
     raise TcaError(f"no stages.yaml in {start} or any parent folder; run tca from the project folder")
 
 
-def _human(size: int) -> str:
+def module_source(name: str, where: str) -> Path:
+    """The source file of module `name`, found on sys.path without importing anything (an import
+    runs code; `tca status` only hashes it)."""
+    parts = name.split(".")
+    for folder in sys.path:
+        base = Path(folder or ".").joinpath(*parts)
+        for path in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
+            if path.is_file():
+                return path.resolve()
+    raise TcaError(f"{where}: no module {name!r} on the Python path (the project folder comes first); "
+                   f"put {name.replace('.', '/')}.py in the project folder or install it")
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends: the block finishes first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+    return path.lstat().st_size
+
+
+def human(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -98,18 +138,65 @@ class Project:
         self.cache = RunCache(self.artifacts / ".cache" / "runs")
         self._tree_memo: dict[Path, str] = {}
         self.restored: list[str] = []  # stages the last `run` restored from the run cache
+        self.lock_damage: dict[str, str] = {}  # stage (or "*": the whole file) -> what is wrong with its lock entry
+        self._params_checked = False
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
 
     # ---------- inputs of staleness ----------
 
     def lock(self) -> dict:
-        if not self.lock_path.exists():
-            return {}
+        """stages.lock's intact entries. A damaged file or entry is no error: its stages are stale,
+        with the damage as the reason (`lock_damage`), and the next run rewrites it."""
+        self.lock_damage = {}
         try:
-            return yaml.safe_load(self.lock_path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TcaError(f"{self.lock_path}: unreadable ({err}); delete it to rerun every stage") from err
+            doc = yaml.safe_load(self.lock_path.read_text()) if self.lock_path.exists() else {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.lock_damage["*"] = f"stages.lock is unreadable ({first}); the next run rewrites it"
+            return {}
+        if doc is None:
+            return {}
+        if not isinstance(doc, dict):
+            self.lock_damage["*"] = f"stages.lock is damaged (a {type(doc).__name__}, not a mapping of stages); the next run rewrites it"
+            return {}
+        good = {}
+        for name, entry in doc.items():
+            problem = entry_problem(entry)
+            if problem is None:
+                good[name] = entry
+            else:
+                self.lock_damage[str(name)] = f"its stages.lock entry is damaged ({problem}); the next run rewrites it"
+        return good
+
+    def check_params(self) -> None:
+        """Every stage module's `check_params(params)` (which builds its typed configs), so that a bad
+        value in any section stops `run`, `--dry` and `status` before anything runs. The configs
+        live beside torch code (seconds to import), so a params + code combination that passed is
+        remembered in artifacts/.cache/checked_params.json and not checked again."""
+        if self._params_checked:
+            return
+        try:
+            code = {self.label(p): self.hashes.file(p) for stage in self.graph.stages.values() for p in self.code_files(stage)}
+        except TcaError:
+            code = None  # a missing code file: check without remembering (and let status name it)
+        key = hashlib.sha256(json.dumps([self.flat, code], sort_keys=True, default=str).encode()).hexdigest()
+        memo = self.artifacts / ".cache" / "checked_params.json"
+        try:
+            seen = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            seen = []
+        seen = seen if isinstance(seen, list) else []
+        if code is not None and key in seen:
+            self._params_checked = True
+            return
+        for stage in self.graph.stages.values():
+            check = getattr(self.module(stage), "check_params", None)
+            if check is not None:
+                check(self.params)
+        self._params_checked = True
+        if code is not None:
+            atomic_write_text(memo, json.dumps([*seen[-99:], key]))
 
     def module(self, stage: Stage) -> ModuleType:
         try:
@@ -123,6 +210,8 @@ class Project:
         return self._tree_memo[path]
 
     def code_files(self, stage: Stage) -> list[Path]:
+        """The stage module, its `code:` files and the source file of each plugin its `plugins:`
+        params name (`cf.model=module:Class`)."""
         files = [self.root / stage.module_path]
         for entry in stage.code:
             path = self.root / entry
@@ -132,10 +221,18 @@ class Project:
                 files.append(path)
             else:
                 raise TcaError(f"{self.graph.path}: stage `{stage.name}` lists code `{entry}`, which does not exist")
+        for key in stage.plugins:
+            module, sep, _ = str(self.flat[key]).partition(":")
+            if sep:
+                files.append(module_source(module, f"{key}={self.flat[key]}"))
         return files
 
+    def label(self, path: Path) -> str:
+        """A code file as the lock names it: relative to the project folder when inside it."""
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+
     def fingerprint(self, stage: Stage) -> Fingerprint:
-        code = {p.relative_to(self.root).as_posix(): self.hashes.file(p) for p in self.code_files(stage)}
+        code = {self.label(p): self.hashes.file(p) for p in self.code_files(stage)}
         deps = {}
         for dep in stage.deps:
             path = self.artifacts / dep
@@ -159,7 +256,8 @@ class Project:
     def own_reasons(self, stage: Stage, entry: dict | None) -> list[str]:
         """Why this stage, by itself, is stale (empty: up to date as far as it can tell)."""
         if not entry:
-            return ["never run (no entry in stages.lock)"]
+            damage = self.lock_damage.get(stage.name, self.lock_damage.get("*"))
+            return [damage or "never run (no entry in stages.lock)"]
         try:
             fp = self.fingerprint(stage)
         except TcaError as err:
@@ -188,35 +286,105 @@ class Project:
                 reasons.append(f"output modified: artifacts/{stage.name}/{out}")
         return reasons
 
+    def reasons(self, stage: Stage, lock: dict, pending) -> list[str]:
+        """Why `stage` is stale: its own reasons, and each dep among `pending` (upstream stages that
+        are stale, or would run). `status`, `run --dry` and `run` all decide by this."""
+        return self.own_reasons(stage, lock.get(stage.name)) + [f"upstream `{dep}` is stale" for dep in stage.deps if dep in pending]
+
     def status(self) -> dict[str, list[str]]:
         """Stale stages in topological order, each with its reasons (upstream staleness included)."""
+        self.check_params()
         lock = self.lock()
         stale: dict[str, list[str]] = {}
         for name, stage in self.graph.stages.items():
-            reasons = self.own_reasons(stage, lock.get(name))
-            reasons += [f"upstream `{dep}` is stale" for dep in stage.deps if dep in stale]
+            reasons = self.reasons(stage, lock, stale)
             if reasons:
                 stale[name] = reasons
         self.hashes.save()
         return stale
 
+    def running(self) -> str | None:
+        """Who holds the project lock now (a run, gc, merge or shards), or None."""
+        path = self.artifacts / ".runner.lock"
+        if not path.exists():
+            return None
+        with open(path) as handle:
+            try:  # shared: a run starting meanwhile is not refused because of this probe
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "a tca process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+    def leftovers(self) -> list[tuple[Path, int]]:
+        """What killed runs left behind (temp folders, half-saved cache entries, temp files), with
+        sizes; the next `tca run` or `tca gc` removes them. Only meaningful while nothing runs."""
+        found = sorted(self.artifacts.joinpath(".tmp").glob("*")) + self.cache.broken()
+        found += [p for p in (self.lock_path.parent.glob(".stages.lock.*.tmp")) if p.is_file()]
+        found += sorted(self.hashes.path.parent.glob(f".{self.hashes.path.name}.*.tmp"))
+        return [(p, _size(p)) for p in found]
+
     # ---------- running ----------
 
     @contextmanager
-    def exclusive(self):
-        """One runner per project at a time (a second `tca run` waits for nothing: it fails)."""
+    def exclusive(self, shared: bool = False, log=print):
+        """The project lock: `run`, `merge` and `gc` hold it alone, shard runs share it (side by side,
+        never beside a run or gc). A second holder fails at once, naming the one that holds it.
+        An exclusive holder first cleans up after killed runs (`recover`)."""
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        with open(self.artifacts / ".runner.lock", "w") as handle:
+        with open(self.artifacts / ".runner.lock", "a+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise TcaError(f"another tca process is running in {self.root}; wait for it to finish") from None
-            yield
+                handle.seek(0)
+                holder = handle.read().strip() or "another tca process"
+                raise TcaError(f"{holder} is running in {self.root}; wait for it to finish, then retry") from None
+            if shared:
+                yield
+                return
+            handle.truncate(0)
+            handle.write(f"tca process {os.getpid()} (`{' '.join(['tca', *sys.argv[1:]])}`)")
+            handle.flush()
+            try:
+                for what in self.recover():
+                    log(what)
+                yield
+            finally:
+                handle.truncate(0)
+
+    def recover(self) -> list[str]:
+        """Under the exclusive lock: finish or undo a commit a SIGKILL cut (outputs swapped, lock
+        entry not yet written: the old outputs go back, the new ones are in the run cache), then
+        delete every temp folder and file killed runs left (`leftovers`)."""
+        lock = self.lock()
+        done = []
+        for old in sorted(self.artifacts.joinpath(".tmp").glob("*.old")):
+            name = old.name.rsplit("-", 1)[0]
+            final = self.artifacts / name
+            entry = lock.get(name)
+            if name in self.graph.stages and entry is not None and not self._matches(final, entry) and self._matches(old, entry):
+                with deferred_interrupts():
+                    if final.exists():
+                        os.replace(final, old.with_name(old.name + ".new"))
+                    os.replace(old, final)
+                done.append(f"restored artifacts/{name}/: a run was killed between swapping it in and writing stages.lock")
+        for path, size in self.leftovers():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            kind = "a damaged or half-written run-cache entry" if path.is_relative_to(self.cache.root) else "a killed run's leftover"
+            done.append(f"removed {kind}: {self.label(path)} ({human(size)})")
+        self._tree_memo = {}
+        return done
+
+    def _matches(self, folder: Path, entry: dict) -> bool:
+        """Whether `folder` holds exactly the outputs a lock entry recorded."""
+        return folder.is_dir() and all((folder / out).exists() and self.hashes.tree(folder / out) == digest
+                                       for out, digest in entry["outs"].items())
 
     def plan(self, targets: list[str] | None, force: bool = False, upstream: bool = False, downstream: bool = False) -> list[str]:
         """The stages a run would consider, in order; refuses a stale upstream unless asked."""
+        self.check_params()
         if targets is None:
-            return list(self.graph.stages)
+            return self._writable(list(self.graph.stages))
         chosen: set[str] = set()
         for name in targets:
             self.graph.check_name(name)
@@ -234,7 +402,16 @@ class Project:
                             f"cannot run `{name}`: upstream stage `{up}` is stale ({stale[up][0]}); "
                             f"run `tca run-stage {up}` first, or pass --upstream to run it now"
                         )
-        return [s for s in self.graph.stages if s in chosen]
+        return self._writable([s for s in self.graph.stages if s in chosen])
+
+    def _writable(self, order: list[str]) -> list[str]:
+        """Refuse a symlinked stage folder: the atomic swap would replace the link, not write through it."""
+        for name in order:
+            path = self.artifacts / name
+            if path.is_symlink():
+                raise TcaError(f"{path} is a symbolic link (to {os.readlink(path)}); a run replaces a stage's folder "
+                               f"as a whole, which would drop the link. Link artifacts/ itself instead, or remove the link")
+        return order
 
     def changed_params(self, stage: Stage) -> dict:
         """The stage's declared params whose value is not stages.yaml's default: what --params / --set change."""
@@ -256,8 +433,9 @@ class Project:
         return self._run(targets, force, upstream, downstream, dry, log)
 
     def _run(self, targets, force, upstream, downstream, dry, log, tell=lambda message: None) -> list[str]:
-        """`tell`: rank 0 hands the other ranks the plan, then for each stage whether it computes."""
-        with self.exclusive():
+        """`tell`: rank 0 hands the other ranks the plan, then for each stage whether it computes.
+        `dry` only reads, so it takes no lock (it works while a run is going)."""
+        with nullcontext() if dry else self.exclusive(log=log):
             try:
                 order = self.plan(targets, force, upstream, downstream)
             except TcaError as err:
@@ -270,7 +448,9 @@ class Project:
             lock = self.lock()
             for name in order:
                 stage = self.graph.stages[name]
-                reasons = ["--force"] if name in forced else self.own_reasons(stage, lock.get(name))
+                # a real run has brought each upstream stage up to date before this one (its changed
+                # outputs show in the deps); a dry one counts the stages it would run as stale
+                reasons = ["--force"] if name in forced else self.reasons(stage, lock, set(ran) if dry else ())
                 if not reasons:
                     tell(False)
                     log(f"{name}: up to date")
@@ -358,28 +538,29 @@ class Project:
         stage = self.shardable(name)
         if not 0 <= index < count:
             raise TcaError(f"--shard {index}/{count}: the shard index must be in 0..{count - 1}")
-        self.plan([name])  # refuses a stale upstream stage
-        fp = self.fingerprint(stage)
-        dest = self.shard_folder(name, fp.key) / f"{index}-of-{count}"
-        if dest.exists() and not force:
-            log(f"{name} shard {index}/{count}: already computed in {dest}")
-            return dest
-        tmp = self.artifacts / ".tmp" / "shards" / f"{name}-{index}-of-{count}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        start = time.perf_counter()
-        try:
-            log(f"{name} shard {index}/{count}: running")
-            ctx = StageContext(name=name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device, shard=(index, count))
-            self.module(stage).run(ctx)
-            record = {"key": fp.key, "shard": [index, count], "seconds": round(time.perf_counter() - start, 1), "params": fp.params}
-            atomic_write_text(tmp / SHARD_RECORD, json.dumps(record, indent=2, default=str))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
+        with self.exclusive(shared=True):
+            self.plan([name])  # refuses a stale upstream stage
+            fp = self.fingerprint(stage)
+            dest = self.shard_folder(name, fp.key) / f"{index}-of-{count}"
+            if dest.exists() and not force:
+                log(f"{name} shard {index}/{count}: already computed in {dest}")
+                return dest
+            tmp = self.artifacts / ".tmp" / "shards" / f"{name}-{index}-of-{count}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-        self.hashes.save()
+            tmp.mkdir(parents=True)
+            start = time.perf_counter()
+            try:
+                log(f"{name} shard {index}/{count}: running")
+                ctx = StageContext(name=name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device, shard=(index, count))
+                self.module(stage).run(ctx)
+                record = {"key": fp.key, "shard": [index, count], "seconds": round(time.perf_counter() - start, 1), "params": fp.params}
+                atomic_write_text(tmp / SHARD_RECORD, json.dumps(record, indent=2, default=str))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.hashes.save()
         log(f"{name} shard {index}/{count}: done in {record['seconds']:.1f} s; wrote {dest}")
         return dest
 
@@ -410,7 +591,7 @@ class Project:
     def merge(self, name: str, log=print) -> None:
         """Join a complete set of shards into the stage's artifact and lock entry, as one run would write them."""
         stage = self.shardable(name)
-        with self.exclusive():
+        with self.exclusive(log=log):
             self.plan([name])
             key = self.fingerprint(stage).key
             shards = self.complete_shards(name, key)
@@ -422,43 +603,53 @@ class Project:
 
     def execute(self, stage: Stage, use_cache: bool = True, log=print, compute: Callable[[StageContext], None] | None = None) -> bool:
         """Compute the stage (or restore it from the run cache: returns True) and lock it.
-        `compute` replaces the stage module's `run` (the merge of shards, a rank announcing its work)."""
+        `compute` replaces the stage module's `run` (the merge of shards, a rank announcing its work).
+        The temp folder goes whatever happens; a SIGKILL's is removed by the next runner."""
         fp = self.fingerprint(stage)
         key = fp.key
-        scratch = self.artifacts / ".tmp"
-        for leftover in scratch.glob(f"{stage.name}-*"):  # from a run that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = scratch / f"{stage.name}-{os.getpid()}"
+        tmp = self.artifacts / ".tmp" / f"{stage.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        start = time.perf_counter()
-        cached = self.cache.entry(stage.name, key) if use_cache else None
-        if cached is not None and not self._cache_intact(stage, key, cached):
-            self.cache.remove(stage.name, key)  # its files were edited in place through a hard link
-            cached = None
-        if cached is not None:
-            self.cache.restore(stage.name, key, tmp)
-        else:
-            ctx = StageContext(name=stage.name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device)
-            (compute or self.module(stage).run)(ctx)
-        took = time.perf_counter() - start
-        missing = [out for out in stage.outs if not (tmp / out).exists()]
-        if missing:
-            raise TcaError(f"stage `{stage.name}` did not write {', '.join(missing)} (declared in stages.yaml `outs`)")
-        final = self.artifacts / stage.name
-        old = scratch / f"{stage.name}-{os.getpid()}.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        self._tree_memo = {p: h for p, h in self._tree_memo.items() if not p.is_relative_to(final)}
-        seconds = cached.get("seconds") if cached is not None else round(took, 1)  # what computing it took
-        entry = {"key": key, "code": fp.code, "deps": fp.deps, "params": fp.params, "outs": self.outputs(stage), "seconds": seconds}
-        if cached is None:
-            self.cache.save(stage.name, key, final, entry)
-        self._write_lock_entry(stage.name, entry)
+        try:
+            start = time.perf_counter()
+            cached = self.cache.entry(stage.name, key) if use_cache else None
+            if cached is not None and not self._cache_intact(stage, key, cached):
+                self.cache.remove(stage.name, key)  # its files were edited in place through a hard link
+                cached = None
+            if cached is not None:
+                self.cache.restore(stage.name, key, tmp)
+            else:
+                ctx = StageContext(name=stage.name, params=self.params, out=tmp, artifacts=self.artifacts, device_request=self.device)
+                (compute or self.module(stage).run)(ctx)
+            took = time.perf_counter() - start
+            missing = [out for out in stage.outs if not (tmp / out).exists()]
+            if missing:
+                raise TcaError(f"stage `{stage.name}` did not write {', '.join(missing)} (declared in stages.yaml `outs`)")
+            staging = self.cache.link(stage.name, key, tmp) if cached is None else None  # hashed after: a link moves ctime
+            seconds = cached.get("seconds") if cached is not None else round(took, 1)  # what computing it took
+            outs = {out: self.hashes.tree(tmp / out) for out in stage.outs}
+            entry = {"key": key, "code": fp.code, "deps": fp.deps, "params": fp.params, "outs": outs, "seconds": seconds}
+            if staging is not None:
+                self.cache.commit(stage.name, key, staging, entry)
+            final = self._commit(stage, tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         how = "restored from the run cache" if cached is not None else f"done in {took:.1f} s"
         log(f"{stage.name}: {how}; wrote artifacts/{stage.name}/: " + ", ".join(self._describe(final / out) for out in stage.outs))
         return cached is not None
+
+    def _commit(self, stage: Stage, tmp: Path, entry: dict) -> Path:
+        """Swap the new outputs in and write their lock entry; Ctrl-C waits for both."""
+        final = self.artifacts / stage.name
+        old = tmp.with_name(tmp.name + ".old")
+        with deferred_interrupts():
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            self._write_lock_entry(stage.name, entry)
+        shutil.rmtree(old, ignore_errors=True)
+        self._tree_memo = {p: h for p, h in self._tree_memo.items() if not p.is_relative_to(final)}
+        return final
 
     def _cache_intact(self, stage: Stage, key: str, entry: dict) -> bool:
         kept = self.cache.output_dir(stage.name, key)
@@ -466,7 +657,7 @@ class Project:
 
     def _describe(self, path: Path) -> str:
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return f"{path.name} ({_human(size)})"
+        return f"{path.name} ({human(size)})"
 
     def _write_lock_entry(self, name: str, entry: dict) -> None:
         lock = self.lock()
@@ -476,21 +667,25 @@ class Project:
 
     # ---------- maintenance ----------
 
-    def gc(self) -> tuple[int, int]:
-        """Remove run-cache entries the lock does not reference; returns (removed, kept)."""
-        lock = self.lock()
-        removed = kept = 0
-        for stage, key, _entry in self.cache.runs():
-            if lock.get(stage, {}).get("key") == key:
-                kept += 1
-            else:
-                self.cache.remove(stage, key)
+    def gc(self, log=print) -> tuple[int, int]:
+        """Remove run-cache entries the lock does not reference (and damaged ones), under the
+        project lock (never beside a run); returns (removed, kept)."""
+        with self.exclusive(log=log):
+            lock = self.lock()
+            removed = kept = 0
+            for stage, key, _entry in self.cache.runs():
+                if lock.get(stage, {}).get("key") == key:
+                    kept += 1
+                else:
+                    self.cache.remove(stage, key)
+                    removed += 1
+            for folder in self.cache.broken():
+                shutil.rmtree(folder)
                 removed += 1
-        shutil.rmtree(self.artifacts / ".tmp", ignore_errors=True)
-        self.hashes.entries.clear()
-        self.hashes.dirty = True
-        self.hashes.save()
-        return removed, kept
+            self.hashes.entries.clear()
+            self.hashes.dirty = True
+            self.hashes.save()
+            return removed, kept
 
     def artifact(self, name: str) -> Path:
         self.graph.check_name(name)

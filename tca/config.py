@@ -13,3 +13,10 @@ def check_keys(cls, section: dict, name: str, also: tuple[str, ...] = ()) -> Non
     unknown = sorted(set(section) - known)
     if unknown:
         raise TcaError(f"{name}.{unknown[0]}: unknown param; the {name} section accepts {sorted(known | set(also))}")
+
+
+def require_positive(values: dict, section: str) -> None:
+    """Raise unless each value is a positive integer, naming `section.key`."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TcaError(f"{section}.{key} must be a positive integer, got {value!r}")

@@ -33,7 +33,11 @@ class LoraSettings:
     @classmethod
     def from_params(cls, section: dict) -> "LoraSettings":
         check_keys(cls, section, "lora")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        if cfg.r < 1 or not cfg.alpha > 0 or not 0 <= cfg.dropout < 1 or not cfg.target_modules:
+            raise TcaError(f"lora: r ({cfg.r}) must be >= 1, alpha ({cfg.alpha}) > 0, dropout ({cfg.dropout}) in [0, 1) "
+                           f"and target_modules ({list(cfg.target_modules)}) not empty")
+        return cfg
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

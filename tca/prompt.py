@@ -22,6 +22,7 @@ import numpy as np
 
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, ragged_index
+from tca.trie import template_parts
 
 SLOTS = ("item", "user")
 USER_SLOT_TEXT = "\nUser preference feature: "  # CoLLM's wording: the user's preferences "encoded in the feature"
@@ -47,6 +48,11 @@ class PromptConfig:
             return getattr(self, name).format(domain=self.domain)
         except (KeyError, IndexError, ValueError) as err:
             raise TcaError(f"prompt.{name}: {getattr(self, name)!r} may only use the field {{domain}} ({err})") from err
+
+    def __post_init__(self):
+        for name in ("instruction", "before_history", "after_history"):
+            self.text(name)
+        template_parts(self.target_template)
 
 
 @dataclass

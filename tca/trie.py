@@ -20,15 +20,21 @@ from tca.errors import TcaError
 from tca.ragged import concat_ranges, pad
 
 
+def template_parts(template: str) -> tuple[str, str]:
+    """The text of `prompt.target_template` before and after its one `{title}`."""
+    try:
+        prefix, suffix = template.format(title="\0").split("\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise TcaError(f"prompt.target_template: {template!r} must contain {{title}} once and no other field ({e})") from e
+    return prefix, suffix
+
+
 def target_ids(tokenizer, titles: pl.Series, template: str = "{title}") -> pl.Series:
     """Each title through `template`, tokenized without special tokens, EOS appended: list[int32].
 
     These exact ids are both the LLM's training targets and the trie's paths.
     """
-    try:
-        prefix, suffix = template.format(title="\0").split("\0")
-    except (KeyError, IndexError, ValueError) as e:
-        raise TcaError(f"prompt.target_template: {template!r} must contain {{title}} once and no other field ({e})") from e
+    prefix, suffix = template_parts(template)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise TcaError("the tokenizer of the model stage defines no EOS token; targets need one to end")

@@ -206,7 +206,7 @@ def test_checkpoint_round_trip_gives_identical_scores(spec, batch, frames, tmp_p
     model.calculate_loss(batch).backward()
     opt.step()  # move away from the init
     save_checkpoint(model, tmp_path / "model.pt")
-    loaded = load_checkpoint(tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt", plugin=spec)  # a plugin loads as the caller's cf.model names it
     assert type(loaded) is type(model) and loaded.cfg == model.cfg
     with torch.no_grad():
         assert torch.equal(loaded.score(batch["history"]), model.eval().score(batch["history"]))

@@ -311,7 +311,8 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
     from tca.cf import load_checkpoint
 
     monkeypatch.setattr(cf_dist_stage, "BATCH", 5)  # several batches
-    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1, "exclude_history": False}, "train": {"backbone": "tallrec"}}
+    params = {"tca": {"temperature": 0.5, "top_k": 0, "cf_source": cf_source, "alpha": 0.1, "exclude_history": False},
+              "train": {"backbone": "tallrec"}, "cf": {"model": "sasrec"}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     cf_dist_stage.run(ctx)
@@ -339,7 +340,8 @@ def test_cf_dist_stage_run_and_inspect(artifacts, tmp_path, monkeypatch, cf_sour
 def test_cf_dist_stage_refuses_a_subset_without_history(artifacts, tmp_path):
     path = artifacts / "subset" / "train.parquet"
     pl.read_parquet(path).drop("history").write_parquet(path)
-    params = {"tca": {"temperature": 1.0, "top_k": 0, "cf_source": "model", "alpha": 0.1, "exclude_history": False}}
+    params = {"tca": {"temperature": 1.0, "top_k": 0, "cf_source": "model", "alpha": 0.1, "exclude_history": False},
+              "cf": {"model": "sasrec"}}
     ctx = StageContext(name="cf_dist", params=params, out=tmp_path / "out", artifacts=artifacts)
     ctx.out.mkdir()
     with pytest.raises(TcaError, match="train.parquet: no column history"):

@@ -34,6 +34,7 @@ PARAMS = {
     "data": {"history_len": 10},
     "train": {"backbone": "tallrec"},
     "tca": {"alpha": 0.1},
+    "cf": {"model": "sasrec"},  # the checkpoint loads only as the caller's cf.model names it
 }
 
 

@@ -55,6 +55,15 @@ def read_side_inputs(ctx: StageContext, needs: tuple[str, ...]) -> dict:
     return out
 
 
+def check_params(params: dict) -> None:
+    """The `cf:` section as CFConfig, and cf.model as a class that implements the CF interface
+    (a module:Class plugin is imported here: see the README on trusting plugins)."""
+    from tca.cf.base import CFConfig
+    from tca.cf.registry import resolve
+
+    resolve(CFConfig.from_params(params["cf"]).model)
+
+
 def run(ctx: StageContext) -> None:
     from tca.cf.base import CFConfig
     from tca.cf.graph import GraphCF
@@ -91,7 +100,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     metrics = json.loads((artifact_dir / "metrics.json").read_text())
     rows = {"test": metrics["test"], "valid": metrics["valid"], "popularity (test)": metrics["popularity"]["test"]}
-    model = load_checkpoint(artifact_dir / "model.pt")
+    model = load_checkpoint(artifact_dir / "model.pt", plugin=params["cf"]["model"])
     data = artifact_dir.parent / "data"
     subset = artifact_dir.parent / "subset" / "test.parquet"
     if subset.exists():  # (not in metrics.json: cf does not depend on subset, so resizing the subset never retrains it)

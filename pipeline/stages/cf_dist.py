@@ -22,6 +22,15 @@ COLUMNS = ["sample_id", "history", "item_id"]
 TOP = 5  # tokens shown per position by inspect
 
 
+def check_params(params: dict) -> None:
+    from tca.collab import CollabConfig
+
+    from pipeline.stages.data import resolve_exclude_history
+
+    CollabConfig(**{key: params["tca"][key] for key in ("temperature", "top_k", "cf_source")},
+                 exclude_history=resolve_exclude_history(params["tca"]["exclude_history"], None, "tca.exclude_history"))
+
+
 def run(ctx: StageContext) -> None:
     # heavy (torch, numba, zarr): imported when the stage runs, not by `tca status`
     from tca.cf import load_checkpoint
@@ -39,7 +48,7 @@ def run(ctx: StageContext) -> None:
     model = None
     if cfg.cf_source == "model":
         checkpoint = ctx.input("cf") / "model.pt"
-        model = load_checkpoint(checkpoint, ctx.device)
+        model = load_checkpoint(checkpoint, ctx.device, ctx.param("cf.model"))
         with open(checkpoint, "rb") as f:
             attrs |= {"cf_model": model.cfg.model, "cf_checkpoint_sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 

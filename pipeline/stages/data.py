@@ -9,12 +9,19 @@ import polars as pl
 
 from pipeline.context import StageContext, lookup
 from tca.data import SPLITS, DataConfig, parse, prepare
+from tca.config import check_keys
 from tca.data.process import STEPS
 
 
 def external_deps(params: dict) -> list[Path]:
     """The raw files the source resolves to (their content is part of the stage's fingerprint)."""
     return [path.resolve() for path in parse(lookup(params, "data.source")).files]
+
+
+def check_params(params: dict) -> None:
+    """The `data:` section as its typed config, and the form of data.source."""
+    check_keys(DataConfig, params["data"], "data")
+    parse(DataConfig(**params["data"]).source)
 
 
 def run(ctx: StageContext) -> None:
@@ -35,9 +42,10 @@ def run(ctx: StageContext) -> None:
     ctx.log("wrote items.parquet, " + ", ".join(f"{name}.parquet" for name in SPLITS) + ", stats.json")
 
 
-def resolve_exclude_history(value, data_dir: Path, key: str) -> bool:
+def resolve_exclude_history(value, data_dir: Path | None, key: str) -> bool:
     """`auto` -> on when the train split has no repeats (no sample's target is in its history: data/stats.json's
-    repeat_rate, recomputed from train.parquet), else as given."""
+    repeat_rate, recomputed from train.parquet), else as given. Without `data_dir` (checking params before
+    anything runs) only the value is checked and `auto` reads as off."""
     from tca.errors import TcaError
 
     value = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value  # --set gives text
@@ -45,6 +53,8 @@ def resolve_exclude_history(value, data_dir: Path, key: str) -> bool:
         return value
     if value != "auto":
         raise TcaError(f"{key}: {value!r} must be auto, true or false")
+    if data_dir is None:
+        return False
     from tca.data.process import repeat_rate
 
     return repeat_rate(pl.read_parquet(data_dir / "train.parquet", columns=["history", "item_id"])) == 0

@@ -30,7 +30,7 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     fmt = read_format(adapter) if adapter.is_dir() else {"packing": "none", "finetune": "lora"}
     hybrid = None
     if (adapter / RECORD).exists():
-        hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device))
+        hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device, params["cf"]["model"]))
     bf16 = use_bf16(device, eval_config(params, artifacts / "data")[0].precision, "eval.precision")
     attention = params["llm"]["attn_implementation"]
     if fmt["finetune"] == "full":  # the adapter dir holds the whole fine-tuned model
@@ -43,7 +43,7 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     return model, builder, Trie.load(artifacts / "trie" / "trie.npz"), titles, hybrid
 
 
-def eval_config(params: dict, data_dir: Path):
+def eval_config(params: dict, data_dir: Path | None):
     """The EvalConfig and the split of the `eval:` section (`exclude_history: auto` resolved by the data's
     repeat rate); a renormalized search uses the temperature the model was trained with (MSL's train.msl_tau)."""
     from dataclasses import replace
@@ -72,6 +72,13 @@ def popularity_counts(data_dir: Path):
     return torch.bincount(torch.from_numpy(targets), minlength=n_items + 1)
 
 
+def check_params(params: dict) -> None:
+    from tca.prompt import PromptConfig
+
+    eval_config(params, None)
+    PromptConfig(**params["prompt"])
+
+
 def run(ctx: StageContext) -> None:
     from tca.cf.registry import load_checkpoint
     from tca.evaluate import evaluate
@@ -80,7 +87,7 @@ def run(ctx: StageContext) -> None:
     samples = read_samples(ctx, split)
     lo, hi = ctx.shard_range(samples.height)
     samples = samples[lo:hi]
-    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model"))
     adapter = ctx.input("train") / "adapter"
     shard = '' if ctx.shard is None else f' ({lo:,}..{hi:,}: shard {ctx.shard[0]}/{ctx.shard[1]})'
     if (adapter / SID_RECORD).exists():
@@ -143,7 +150,8 @@ def merge(ctx: StageContext, shards: list[Path]) -> None:
     predictions = pl.concat([pl.read_parquet(shard / "predictions.parquet") for shard in shards])
     if predictions["sample_id"].to_list() != samples["sample_id"].to_list():
         raise TcaError(f"the predictions of the shards in {shards[0].parent} are not those of the {split} subset's samples; rerun the shards")
-    result = score_lists(*read_lists(predictions, cfg.num_beams), samples, load_checkpoint(ctx.input("cf") / "model.pt", ctx.device),
+    result = score_lists(*read_lists(predictions, cfg.num_beams), samples,
+                         load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model")),
                          popularity_counts(ctx.input("data")), cfg.exclude_history)
     decodes = [json.loads((shard / "metrics.json").read_text())["decode"] for shard in shards]
     seconds = sum(d["seconds"] for d in decodes)
@@ -196,7 +204,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     titles = ["", *pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")["title"].to_list()]
     pred = pl.read_parquet(artifact_dir / "predictions.parquet", n_rows=SHOWN)
     samples = pred.join(pl.read_parquet(artifacts / "subset" / f"{metrics['split']}.parquet"), on="sample_id", how="left", maintain_order="left")
-    cf = load_checkpoint(artifacts / "cf" / "model.pt")
+    cf = load_checkpoint(artifacts / "cf" / "model.pt", plugin=params["cf"]["model"])
     with torch.no_grad():
         cf_top = cf.score(pad_histories(samples["history"], cf.cfg.max_len)).topk(10).indices.tolist()
 

@@ -16,7 +16,12 @@ import polars as pl
 
 from pipeline.context import StageContext
 from pipeline.side_inputs import cf_reads, skipped, write_stand_in
+from tca.config import require_positive
 from tca.errors import TcaError
+
+
+def check_params(params: dict) -> None:
+    require_positive(params["profiles"], "profiles")
 
 
 def user_histories(train: pl.DataFrame, n: int) -> pl.DataFrame:

@@ -20,6 +20,12 @@ from tca.sid import SID_BACKBONES
 EMBEDDINGS = "items.npy"  # text_emb's output: [N+1, d], row 0 padding
 
 
+def check_params(params: dict) -> None:
+    from tca.sid.rqvae import SidConfig
+
+    SidConfig.from_params(params["sid"])
+
+
 def run(ctx: StageContext) -> None:
     from tca.cf import load_checkpoint
     from tca.sid.letter import train_letter
@@ -39,7 +45,7 @@ def run(ctx: StageContext) -> None:
     item_ids = pl.read_parquet(ctx.input("data") / "items.parquet", columns=["item_id"])["item_id"].sort().to_numpy()
     if emb.ndim != 2 or len(emb) != len(item_ids) + 1:
         raise TcaError(f"{path}: shape {emb.shape}, expected [{len(item_ids) + 1}, d] (N items + padding row); rerun text_emb")
-    cf = load_checkpoint(ctx.input("cf") / "model.pt")
+    cf = load_checkpoint(ctx.input("cf") / "model.pt", plugin=ctx.param("cf.model"))
     cf_emb = cf.item_embeddings().detach().float().numpy()
     trainers = {"tiger": lambda log: train_rqvae(emb, cfg, log=log), "letter": lambda log: train_letter(emb, cf_emb, cfg, log=log)}
     for name in SID_BACKBONES:

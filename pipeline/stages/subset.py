@@ -7,7 +7,13 @@ import polars as pl
 
 from pipeline.context import StageContext
 from pipeline.stages.data import describe_sample, describe_tables
+from tca.config import check_keys
 from tca.data import SPLITS, SubsetConfig, draw_all
+
+
+def check_params(params: dict) -> None:
+    check_keys(SubsetConfig, params["subset"], "subset")
+    SubsetConfig(**params["subset"])
 
 
 def run(ctx: StageContext) -> None:

@@ -14,8 +14,13 @@ import polars as pl
 
 from pipeline.context import StageContext, lookup
 from pipeline.side_inputs import cf_reads, skipped, write_stand_in
+from tca.config import require_positive
 from tca.errors import TcaError
 from tca.sid import SID_BACKBONES
+
+
+def check_params(params: dict) -> None:
+    require_positive(lookup(params, "text_emb"), "text_emb")
 
 
 def needed(params: dict) -> bool:

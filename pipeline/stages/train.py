@@ -82,6 +82,22 @@ def read_format(adapter: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"packing": "none", "finetune": "lora"}
 
 
+def check_params(params: dict) -> None:
+    """Every section the stage reads, as the typed configs `run` builds."""
+    from tca.llm import LoraSettings
+    from tca.prompt import PromptConfig
+    from tca.sid.seq2seq import Seq2SeqConfig
+    from tca.train import TrainConfig
+
+    from pipeline.stages.data import resolve_exclude_history
+
+    TrainConfig.from_params(params["train"], params["tca"]["alpha"])
+    resolve_exclude_history(params["eval"]["exclude_history"], None, "eval.exclude_history")
+    LoraSettings.from_params(params["lora"])
+    Seq2SeqConfig.from_params(params["seq2seq"])
+    PromptConfig(**params["prompt"])
+
+
 def run(ctx: StageContext) -> None:
     import polars as pl
     import torch
@@ -102,7 +118,7 @@ def run(ctx: StageContext) -> None:
     lora = LoraSettings.from_params(ctx.section("lora"))
     hybrid = None
     if cfg.backbone in SLOTS:
-        cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device)
+        cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model"))
         hybrid = HybridPrompt(cf, cfg.backbone, (cfg.curriculum_start, cfg.curriculum_end))
         log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
     batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid)

@@ -14,6 +14,12 @@ from tca.sid import SID_BACKBONES
 from tca.trie import Trie, build_trie, target_ids
 
 
+def check_params(params: dict) -> None:
+    from tca.prompt import PromptConfig
+
+    PromptConfig(**params["prompt"])
+
+
 def run(ctx: StageContext) -> None:
     backbone = ctx.param("train.backbone")
     if backbone in SID_BACKBONES:

@@ -47,9 +47,16 @@ def save_checkpoint(model: CFModel, path: Path) -> None:
     torch.save({"n_items": model.n_items, "config": model.cfg.to_dict(), "state_dict": state}, path)
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> CFModel:
-    """The model as saved, in eval mode: its scores equal the saved model's."""
+def load_checkpoint(path: Path, device: str = "cpu", plugin: str | None = None) -> CFModel:
+    """The model as saved, in eval mode: its scores equal the saved model's. Nothing the file names
+    is imported: it rebuilds a registered model, or a module:Class plugin only when the caller's
+    `plugin` (its cf.model) names that same class (weights_only keeps torch from importing either)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = build(CFConfig.from_params(ckpt["config"]), ckpt["n_items"])
+    cfg = CFConfig.from_params(ckpt["config"])
+    if cfg.model not in MODELS and cfg.model != plugin:
+        raise TcaError(f"{path} holds a {cfg.model!r} model, which is no registered model ({', '.join(MODELS)}); "
+                       f"a checkpoint never imports code it names: to load it, set cf.model={cfg.model} "
+                       f"(only if you trust that module: importing it runs its code)")
+    model = build(cfg, ckpt["n_items"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()

@@ -3,16 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from tca.config import require_positive
 from tca.errors import TcaError
 
 BAD_LINE_POLICIES = ("error", "skip")
-
-
-def _require_positive(cfg, section: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise TcaError(f"{section}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,8 +24,8 @@ class DataConfig:
     on_bad_line: str = "error"
 
     def __post_init__(self):
-        _require_positive(self, "data", ("max_title_chars", "min_item_interactions",
-                                         "min_user_interactions", "min_history", "history_len"))
+        require_positive({k: getattr(self, k) for k in ("max_title_chars", "min_item_interactions",
+                                                        "min_user_interactions", "min_history", "history_len")}, "data")
         if not isinstance(self.max_months, int) or isinstance(self.max_months, bool) or self.max_months < 0:
             raise TcaError(f"data.max_months must be an integer >= 0 (0 = no time window), got {self.max_months!r}")
         if self.on_bad_line not in BAD_LINE_POLICIES:
@@ -49,6 +43,6 @@ class SubsetConfig:
     seed: int = 42
 
     def __post_init__(self):
-        _require_positive(self, "subset", tuple(f.name for f in fields(self) if f.name != "seed"))
-        if not isinstance(self.seed, int):
-            raise TcaError(f"subset.seed must be an integer, got {self.seed!r}")
+        require_positive({f.name: getattr(self, f.name) for f in fields(self) if f.name != "seed"}, "subset")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise TcaError(f"subset.seed must be an integer >= 0, got {self.seed!r}")

@@ -81,7 +81,7 @@ def _require_titles(items: pl.DataFrame, path: Path, column: str) -> None:
 
 
 def _read_atomic(inter_path: Path, item_path: Path, on_bad_line: str, movielens: bool) -> RawData:
-    inter = lines.tsv_fields(inter_path, ["user_id", "item_id", "timestamp"])
+    inter = lines.tsv_fields(inter_path, ["user_id", "item_id", "timestamp"], on_bad_line)
     inter, bad_inter = lines.drop_bad_lines(
         inter.with_columns(_seconds("timestamp")), inter_path, ["user_id", "item_id", "timestamp"],
         "user_id, item_id and a numeric timestamp", on_bad_line)
@@ -92,7 +92,7 @@ def _read_atomic(inter_path: Path, item_path: Path, on_bad_line: str, movielens:
         raise TcaError(f"{item_path}: missing column: no column name contains 'title' "
                        f"(the header has {', '.join(header)})")
     with_year = movielens and "release_year" in header
-    items = lines.tsv_fields(item_path, ["item_id", title_col] + ["release_year"] * with_year)
+    items = lines.tsv_fields(item_path, ["item_id", title_col] + ["release_year"] * with_year, on_bad_line)
     items, bad_items = lines.drop_bad_lines(items, item_path, ["item_id"], "an item_id", on_bad_line)
     title = pl.col(title_col)
     if with_year:  # MovieLens titles are "Toy Story (1995)"; a broken year is left out
@@ -107,13 +107,13 @@ def _read_atomic(inter_path: Path, item_path: Path, on_bad_line: str, movielens:
 def _read_amazon(reviews_path: Path, meta_path: Path, on_bad_line: str) -> RawData:
     """Amazon 2018 reviews + meta (JSON lines, plain or gzip); a meta row without a title is kept
     here and dropped with the other unusable titles."""
-    reviews = lines.json_fields(reviews_path, REVIEW_FIELDS)
+    reviews = lines.json_fields(reviews_path, REVIEW_FIELDS, on_bad_line)
     lines.require_columns(reviews, reviews_path, REVIEW_FIELDS)
     reviews, bad_reviews = lines.drop_bad_lines(
         reviews.with_columns(_seconds("unixReviewTime")), reviews_path, REVIEW_FIELDS,
         'a JSON object with "reviewerID", "asin" and a numeric "unixReviewTime"', on_bad_line)
 
-    meta = lines.json_fields(meta_path, META_FIELDS)
+    meta = lines.json_fields(meta_path, META_FIELDS, on_bad_line)
     lines.require_columns(meta, meta_path, META_FIELDS)
     meta, bad_meta = lines.drop_bad_lines(meta, meta_path, ["asin"], 'a JSON object with "asin"', on_bad_line)
     items = meta.select(raw_id="asin", title=pl.col("title").fill_null(""))
