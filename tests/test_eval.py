@@ -147,7 +147,7 @@ def test_inspect_eval_shows_llm_and_cf_lists(ran):
     assert any(title in text for title in TITLES)
 
 
-def test_eval_params_are_checked(artifacts):
+def test_eval_params_are_checked(artifacts, tmp_path):
     data = artifacts[0] / "data"
     with pytest.raises(TcaError, match="eval.split"):
         eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "split": "train"}}, data)
@@ -157,10 +157,18 @@ def test_eval_params_are_checked(artifacts):
         eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "num_beams": 0}}, data)
     with pytest.raises(TcaError, match="eval.exclude_history"):
         eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "exclude_history": "sometimes"}}, data)
-    # auto follows the data: these random samples repeat items, so auto is off; with no repeats it is on
+    # auto follows the data: on where under 1% of the train samples repeat an item of their history
+    from pipeline.stages.data import REPEATS_NEGLIGIBLE
+
     train = pl.read_parquet(data / "train.parquet")
-    repeats = train.select(pl.col("history").list.contains(pl.col("item_id")).any()).item()
-    assert eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "exclude_history": "auto"}}, data)[0].exclude_history is (not repeats)
+    rate = train.select(pl.col("history").list.contains(pl.col("item_id")).mean()).item()
+    auto = {**PARAMS, "eval": {**PARAMS["eval"], "exclude_history": "auto"}}
+    assert eval_stage.eval_config(auto, data)[0].exclude_history is (rate < REPEATS_NEGLIGIBLE)
+    for n_repeats, expected in ((0, True), (1, True), (5, False)):  # of 200 samples: 0%, 0.5%, 2.5%
+        other = tmp_path / f"data{n_repeats}"
+        other.mkdir()
+        pl.DataFrame({"history": [[1, 2]] * 200, "item_id": [2] * n_repeats + [3] * (200 - n_repeats)}).write_parquet(other / "train.parquet")
+        assert eval_stage.eval_config(auto, other)[0].exclude_history is expected
     with pytest.raises(TcaError, match="eval.precision: 'fp16' is not one of auto, bf16, fp32"):
         eval_stage.eval_config({**PARAMS, "eval": {**PARAMS["eval"], "precision": "fp16"}}, data)
 

@@ -347,7 +347,7 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "stages.yaml").read_text())["params"]
     params["tca"]["cf_source"] = "uniform"
-    params["train"] |= {"backbone": "llara", "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5,
+    params["train"] |= {"backbone": "llara", "packing": "none", "finetune": "lora", "max_steps": 0, "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5,
                         "valid_metric": "hr@5", "log_every": 1, "precision": "fp32"}
     params["eval"] |= {"num_beams": 5, "batch_size": 2, "precision": "fp32"}
     artifacts = tmp_path / "artifacts"

@@ -31,7 +31,7 @@ from tca.prompt import PromptBuilder
 REPO = Path(__file__).resolve().parents[1]
 BOS = 1  # the fixture tokenizer's BOS (<|im_start|>); its EOS, 2, is also its filler id
 PARAMS = {
-    "train": {"epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5, "valid_metric": "hr@5",
+    "train": {"packing": "none", "finetune": "lora", "max_steps": 0, "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5, "valid_metric": "hr@5",
               "log_every": 1, "precision": "fp32"},
     "lora": {"r": 4, "alpha": 8},
     "eval": {"num_beams": 4, "batch_size": 3, "precision": "fp32"},

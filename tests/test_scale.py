@@ -33,7 +33,7 @@ TITLES = ["Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995
           "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
 PARAMS = {  # over stages.yaml's defaults: a tiny, exactly reproducible run
     "tca": {"top_k": 3},
-    "train": {"epochs": 1, "micro_batch": 8, "grad_accum": 2, "lr": 5e-3, "warmup_ratio": 0.2, "eval_every": 1,
+    "train": {"packing": "none", "finetune": "lora", "max_steps": 0, "epochs": 1, "micro_batch": 8, "grad_accum": 2, "lr": 5e-3, "warmup_ratio": 0.2, "eval_every": 1,
               "valid_beams": 5, "valid_metric": "hr@5", "log_every": 1, "precision": "fp32"},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     "eval": {"num_beams": 4, "batch_size": 3},

@@ -414,7 +414,7 @@ def test_train_stage(world, tiny_model_dir, tokenizer, tmp_path):
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "stages.yaml").read_text())["params"]
     params["tca"]["cf_source"] = "uniform"
-    params["train"] |= {"epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 10, "log_every": 1}
+    params["train"] |= {"packing": "none", "finetune": "lora", "max_steps": 0, "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 10, "log_every": 1}
     artifacts = tmp_path / "artifacts"
     (artifacts / "data").mkdir(parents=True)
     pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": TITLES[1:]}).write_parquet(artifacts / "data" / "items.parquet")
