@@ -234,13 +234,24 @@ class Trainer:
         if not self.world.main:
             return
         self.state["log_bytes"] = (self.work_dir / "log.jsonl").stat().st_size if (self.work_dir / "log.jsonl").exists() else 0
-        checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "world_size": self.world.size,
+        checkpoint = {"config": asdict(self.cfg), "n_samples": self.samples.height, "data": self.data_digest, "world_size": self.world.size,
                       "state": self.state, "rng": rng,
                       "weights": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict()}
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, self.state_path)  # a kill mid-save leaves the previous checkpoint
+
+    @property
+    def data_digest(self) -> str:
+        """What the samples are, not only how many: a checkpoint of other samples of the same count must not resume."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for column in ("sample_id", "item_id"):
+            digest.update(np.ascontiguousarray(self.samples[column].to_numpy().astype(np.int64)).tobytes())
+        digest.update(np.ascontiguousarray(self.samples["history"].explode().fill_null(0).to_numpy().astype(np.int64)).tobytes())
+        return digest.hexdigest()[:16]
 
     def trainable_state(self) -> dict:
         """What training changes: the LoRA weights (and projector) of a peft model, or every weight (full fine-tuning)."""
@@ -272,7 +283,8 @@ class Trainer:
         ckpt = None
         if self.world.main and self.state_path.exists():
             ckpt = torch.load(self.state_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-            if (ckpt["config"], ckpt["n_samples"], ckpt.get("world_size")) != (asdict(self.cfg), self.samples.height, self.world.size):
+            if ((ckpt["config"], ckpt["n_samples"], ckpt.get("data"), ckpt.get("world_size"))
+                    != (asdict(self.cfg), self.samples.height, self.data_digest, self.world.size)):
                 ckpt = (f"{self.state_path} is a checkpoint of another configuration, data or number of processes; "
                         f"delete {self.work_dir} to start over")
         ckpt = ddp.broadcast(ckpt, self.world)

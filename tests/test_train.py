@@ -227,7 +227,9 @@ def test_resume_refuses_another_config_data_or_world_size(world, tiny_model_dir,
     trainer(world, tiny_model_dir, cfg, work).run()
     saved = (work / "state.pt").read_bytes()
     refused = f"checkpoint of another configuration, data or number of processes; delete {re.escape(str(work))}"
-    for other, samples in ((replace(cfg, lr=1e-3), None), (replace(cfg, loss="ntp"), None), (cfg, world["samples"].head(16))):
+    same_count = world["samples"].with_columns(item_id=world["samples"]["item_id"].reverse())  # other targets, as many samples
+    for other, samples in ((replace(cfg, lr=1e-3), None), (replace(cfg, loss="ntp"), None), (cfg, world["samples"].head(16)),
+                           (cfg, same_count)):
         with pytest.raises(TcaError, match=refused):
             trainer(world, tiny_model_dir, other, work, samples=samples).run()
         assert (work / "state.pt").read_bytes() == saved
