@@ -85,6 +85,7 @@ class TrainConfig:
     curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
     packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.packing)
     pack_targets: int = 30  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
+    grad_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): memory for 8B models / long rows
     finetune: str = "lora"  # lora (the lora section's adapter) | full (every weight of the LLM; for small models)
 
     def __post_init__(self):
@@ -197,6 +198,8 @@ class Trainer:
         self.progress = progress if world.main else None
         self.loss_cfg = cfg.loss_config
         self.bf16 = use_bf16(device, cfg.precision)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TcaError("the model has no trainable parameters; load it with a LoRA config")

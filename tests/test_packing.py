@@ -221,3 +221,32 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
     for (n, p), (_, q) in zip(t.model.named_parameters(), t3.model.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(world, tiny_llama, tokenizer, tmp_path, finetune):
+    """train.grad_checkpointing recomputes activations in the backward; the loss and every trainable
+    gradient stay the same (packed rows, so the 4-D mask goes through the recomputation too)."""
+    tiny_llama(seed=3).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    samples = user_samples(3, seed=9)
+    windows = pack_samples(samples, 5)
+    results = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(precision="fp32", packing="items", loss="ntp", finetune=finetune, grad_checkpointing=checkpointing, eval_every=0)
+        torch.manual_seed(0)
+        model = load_model(tmp_path / "m", lora=None if finetune == "full" else LoraSettings(r=4, alpha=8, dropout=0.0),
+                           full=finetune == "full")
+        batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg.loss_config, cfg.max_len, world["pad"])
+        trainer = Trainer(model, batcher, samples, None, cfg, tmp_path / f"w{checkpointing}{finetune}", log=lambda m: None)
+        model.train()
+        inputs, labels = trainer.batcher.packed(samples, windows)
+        loss = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg.loss_config).sum()
+        loss.backward()
+        uses = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, uses))
+    (loss_off, grads_off, used_off), (loss_on, grads_on, used_on) = results
+    assert not used_off and used_on
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-4, atol=1e-6)
