@@ -42,7 +42,7 @@ from tca import ddp
 from tca.collab_store import DistReader
 from tca.errors import TcaError
 from tca.evaluate import EvalConfig, recommend, score_lists
-from tca.hybrid_prompt import SLOTS, HybridPrompt
+from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.packing import PACKINGS, Windows, encode_windows, pack_samples, select_rows
@@ -87,6 +87,7 @@ class TrainConfig:
     pack_targets: int = 30  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
     grad_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): memory for 8B models / long rows
     finetune: str = "lora"  # lora (the lora section's adapter) | full (every weight of the LLM; for small models)
+    reference_quirks: bool = False  # the authors' code as it runs: last title token and EOS unsupervised, projector frozen, schedule 16x longer
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -161,10 +162,20 @@ class Batcher:
         return inputs, make_labels(rows.target.numpy(), rows.target_len, soft, self.trie, self.cfg)
 
 
-def batch_loss(model, inputs: Inputs, labels: Labels, cfg: LossConfig) -> torch.Tensor:
-    """Summed loss over the batch's target positions (the LM head sees only those)."""
+def batch_loss(model, inputs: Inputs, labels: Labels, cfg: LossConfig, skip_last: int = 0) -> torch.Tensor:
+    """Summed loss over the batch's target positions (the LM head sees only those); `skip_last`: the
+    last positions of each target carry no loss (the authors' code leaves its last title token and EOS
+    unsupervised: `train.reference_quirks`)."""
     hidden = target_hidden(model, inputs)
-    return position_losses(head_logits(model, hidden, labels.columns), labels, cfg).sum()
+    losses = position_losses(head_logits(model, hidden, labels.columns), labels, cfg)
+    if skip_last:
+        row, col = ragged_index(np.asarray(inputs.target_len))
+        losses = losses * torch.from_numpy(col < inputs.target_len[row] - skip_last).to(losses.device)
+    return losses.sum()
+
+
+QUIRK_UNSUPERVISED = 2  # reference_quirks: the last title token and EOS
+QUIRK_SCHEDULE = 16  # reference_quirks: their schedule is computed over 16x the optimizer steps
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -200,10 +211,16 @@ class Trainer:
         self.bf16 = use_bf16(device, cfg.precision)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.reference_quirks:  # the authors' projector is never in their optimizer
+            for name, param in model.named_parameters():
+                if f".{PROJECTOR}." in f".{name}":
+                    param.requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TcaError("the model has no trainable parameters; load it with a LoRA config")
         target_len = batcher.targets.get(samples["item_id"].to_numpy())[1]
+        if cfg.reference_quirks:  # the tokens that carry a loss
+            target_len = np.maximum(target_len - QUIRK_UNSUPERVISED, 0)
         self.windows = pack_samples(samples, cfg.pack_targets) if cfg.packing == "items" else None
         if self.windows is None:  # a unit of the epoch's order is a sample, or (packed) a row of samples
             self.target_len = target_len
@@ -219,8 +236,9 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
+        span = self.total_steps * (QUIRK_SCHEDULE if cfg.reference_quirks else 1)  # the steps the schedule decays over
+        warmup = math.ceil(cfg.warmup_ratio * span)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, span))
         self.state = {"step": 0, "valid": [], "best": None, "best_epoch": None, "bad": 0, "stopped": False, "log_bytes": 0}
         ddp.sync_parameters(self.params, world)  # the same starting weights everywhere
 
@@ -337,7 +355,8 @@ class Trainer:
         for start in range(0, len(mine), self.cfg.micro_batch):
             inputs, labels = self.micro_batch(mine[start : start + self.cfg.micro_batch])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg)
+                loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg,
+                                  QUIRK_UNSUPERVISED if self.cfg.reference_quirks else 0)
             (loss / n_target).backward()
             loss_sum += loss.item()
             n_tokens += inputs.n_tokens

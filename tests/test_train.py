@@ -450,3 +450,48 @@ def test_validation_decodes_at_the_trained_msl_temperature(world, tiny_model_dir
     (tmp_path / "v").mkdir()
     trainer(world, tiny_model_dir, replace(BASE, msl=msl, msl_tau=4.5, eval_every=1), tmp_path / "v").validate(1)
     assert (seen[0].renormalize, seen[0].tau) == (msl, tau)
+
+
+def test_reference_quirks_reproduce_the_authors_training(world, tiny_model_dir, tmp_path):
+    """train.reference_quirks: the last title token and EOS carry no loss (and do not count as target
+    tokens), the LLaRA/CoLLM projector stays frozen, and the schedule decays over 16x the steps."""
+    from tca.llm import encode
+    from tca.losses import make_labels, position_losses
+    from tca.ragged import ragged_index
+    from tca.train import QUIRK_SCHEDULE, QUIRK_UNSUPERVISED, batch_loss
+
+    cfg = replace(BASE, loss="ntp", reference_quirks=True, warmup_ratio=0.1)
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, lora=LORA, cf_dim=4)
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg.loss_config, cfg.max_len, world["pad"])
+    t = Trainer(model, batcher, world["samples"], None, cfg, tmp_path / "work", log=lambda m: None)
+    full_len = world["targets"].get(world["samples"]["item_id"].to_numpy())[1]
+    np.testing.assert_array_equal(t.target_len, full_len - QUIRK_UNSUPERVISED)
+    assert not any("cf_projector" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+    rows = world["samples"][:5]
+    inputs, labels = batcher(rows)
+    with torch.no_grad():
+        every = position_losses(head_of(model, inputs, labels), labels, cfg.loss_config)
+        row, col = ragged_index(inputs.target_len)
+        want = every[torch.from_numpy(col < inputs.target_len[row] - QUIRK_UNSUPERVISED)].sum()
+        torch.testing.assert_close(batch_loss(model, inputs, labels, cfg.loss_config, QUIRK_UNSUPERVISED), want)
+        assert batch_loss(model, inputs, labels, cfg.loss_config) > want
+
+    span = t.total_steps * QUIRK_SCHEDULE
+    warmup = int(np.ceil(cfg.warmup_ratio * span))
+    lrs = []
+    for _ in range(t.total_steps):
+        lrs.append(t.scheduler.get_last_lr()[0])
+        t.optimizer.step()
+        t.scheduler.step()
+    np.testing.assert_allclose(lrs, [cfg.lr * linear_schedule(warmup, span)(k) for k in range(t.total_steps)])
+    plain = linear_schedule(int(np.ceil(cfg.warmup_ratio * t.total_steps)), t.total_steps)
+    assert lrs != [cfg.lr * plain(k) for k in range(t.total_steps)]  # without the quirk: another schedule
+
+
+def head_of(model, inputs, labels):
+    from tca.llm import head_logits, target_hidden
+
+    return head_logits(model, target_hidden(model, inputs), labels.columns)
