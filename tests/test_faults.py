@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_runner import REPO
+from test_runner import REPO, sigint_default
 
 from pipeline.runner import Project
 from pipeline.runcache import read_entry
@@ -163,7 +163,7 @@ def child(root: Path, args: list[str], **env) -> subprocess.Popen:
         script.write_text(CHILD)
     full = dict(os.environ, PYTHONPATH=str(REPO), **{k: str(v) for k, v in env.items()})
     return subprocess.Popen([sys.executable, str(script), *args], cwd=root, env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
 
 
 def check_consistent(root: Path, refs: Refs, sig: str) -> list[str]:

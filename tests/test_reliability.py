@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_runner import REPO, make_project, quiet, runs_of_a
+from test_runner import REPO, make_project, quiet, runs_of_a, sigint_default
 
 import cli
 from pipeline.runner import Project
@@ -38,7 +38,8 @@ def hang_in_b(root: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
     marker.unlink(missing_ok=True)
     env = dict(os.environ, TOY_HANG=str(marker), PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", *args], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)

@@ -182,6 +182,12 @@ def test_failed_stage_leaves_previous_outputs_and_lock(tmp_path, monkeypatch):
     assert not list((root / "artifacts/.tmp").iterdir())
 
 
+def sigint_default() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt even when this test runs in the background of a
+    shell (which starts it with SIGINT ignored, and Python keeps an ignored SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_stage_leaves_previous_outputs_and_lock(tmp_path, sig):
     root = make_project(tmp_path)
@@ -190,7 +196,8 @@ def test_interrupted_stage_leaves_previous_outputs_and_lock(tmp_path, sig):
     marker = tmp_path / "started"
     env = dict(os.environ, TOY_HANG=str(marker), PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", "--set", "b.suffix=?"],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
