@@ -495,3 +495,25 @@ def head_of(model, inputs, labels):
     from tca.llm import head_logits, target_hidden
 
     return head_logits(model, target_hidden(model, inputs), labels.columns)
+
+
+def test_a_crash_while_writing_state_pt_keeps_the_previous_checkpoint(world, tiny_model_dir, tmp_path, monkeypatch):
+    """state.pt is written to a temporary file and renamed: a crash mid-write leaves the previous
+    checkpoint whole, and a new trainer resumes from it (planted bug: torch.save straight to state.pt)."""
+    cfg = replace(BASE, checkpoint_every=1)
+    t = trainer(world, tiny_model_dir, cfg, tmp_path / "work")
+    t.run()
+    saved = (tmp_path / "work" / "state.pt").read_bytes()
+
+    def crash(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint()
+    monkeypatch.undo()
+    assert (tmp_path / "work" / "state.pt").read_bytes() == saved
+    resumed = trainer(world, tiny_model_dir, cfg, tmp_path / "work")
+    resumed.resume()
+    assert resumed.state["step"] == t.total_steps
