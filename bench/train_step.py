@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--packing", action="store_true", help="only compare packed rows with per-sample prompts")
     ap.add_argument("--rows", type=int, default=2, help="--packing: packed rows per step (train.micro_batch of a packed run)")
+    ap.add_argument("--targets", type=int, default=0, help="--packing: targets per packed row (0 = train.pack_targets)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,7 +238,7 @@ def compare_packing(args, params, base_cfg, batcher, model, device, bf16, autoca
     """Supervised samples per second: packed rows (train.packing=items) against the same samples as
     one prompt each (train.packing=none, micro-batches of --batch), same model, loss and precision;
     one packed step and its per-sample counterpart per round, interleaved."""
-    cfg = replace(base_cfg, packing="items")
+    cfg = replace(base_cfg, packing="items", pack_targets=args.targets or base_cfg.pack_targets)
     packed_batcher = load_batcher(args.artifacts, params, cfg)
     columns = ["sample_id", "user_id", "timestamp", "history", "item_id"]
     samples = pl.read_parquet(args.artifacts / "subset" / "train.parquet", columns=columns)

@@ -17,6 +17,7 @@ import torch
 from tca.config import check_keys
 from tca.errors import TcaError
 from tca.hybrid_prompt import PROJECTOR, Projector, input_embeds
+from tca.packed_attention import NAME as PACKED_SDPA, KeyBlocks
 from tca.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
 
@@ -84,6 +85,7 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     - `adapter_dir`, `lora`, `merge`, `cf_dim`: see `prepare`.
     - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
     - `attention`: transformers' attention implementation for training and prompts (`ATTENTION`);
+      `sdpa` loads as `tca.packed_attention`'s (SDPA that also runs packed rows block-locally);
       the beam search swaps in its own (`tca.beam_attention`) while it decodes.
     On CUDA, fp32 matmuls (the LoRA weights, an fp32 model) run on TF32 tensor cores.
     """
@@ -95,7 +97,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32,
-                                                 device_map=torch.device(device), attn_implementation=attention)
+                                                 device_map=torch.device(device),
+                                                 attn_implementation=PACKED_SDPA if attention == "sdpa" else attention)
     if full:
         return model.requires_grad_(True).eval()
     return prepare(model, adapter_dir, lora, merge, cf_dim)
@@ -166,6 +169,7 @@ class Inputs:
     slot: torch.Tensor | None = None  # int64 [B, T], hybrid prompts: item id at an item slot, -1 at the user slot, else 0
     slot_vectors: torch.Tensor | None = None  # float [S, d]: the CF vector of each slot, row-major (HybridPrompt.fill)
     window_mask: torch.Tensor | None = None  # bool [B, 1, T, T], packed rows (tca.packing): query t may attend key s
+    key_blocks: KeyBlocks | None = None  # the window mask by query chunks (tca.packed_attention), for the sdpa models
 
     @property
     def n_tokens(self) -> int:
@@ -175,7 +179,8 @@ class Inputs:
     def to(self, device) -> "Inputs":
         move = lambda t: None if t is None else t.to(device)
         return Inputs(self.input_ids.to(device), self.attention_mask.to(device), self.target_pos.to(device),
-                      self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors), move(self.window_mask))
+                      self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors), move(self.window_mask),
+                      move(self.key_blocks))
 
 
 def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, items: np.ndarray, max_len: int,
@@ -210,6 +215,10 @@ def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     """Final hidden states [N, d] at the positions that predict the target ids (the decoder runs on
     the whole sequence; only these rows ever meet the LM head). Hybrid prompts enter as embeddings,
     positions counted over the attended tokens (a masked-out slot takes none)."""
+    if inputs.key_blocks is not None and model.config._attn_implementation == PACKED_SDPA:
+        blocks = inputs.key_blocks
+        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=blocks.mask, key_index=blocks.index, use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
     if inputs.window_mask is not None:
         out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=model_mask(model, inputs.window_mask), use_cache=False)
         return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]

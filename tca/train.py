@@ -45,6 +45,7 @@ from tca.evaluate import EvalConfig, recommend, score_lists
 from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
+from tca.packed_attention import key_blocks
 from tca.packing import PACKINGS, Windows, encode_windows, pack_samples, select_rows
 from tca.prompt import PromptBuilder
 from tca.ragged import ragged_index
@@ -157,7 +158,8 @@ class Batcher:
         """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
         rows = encode_windows(self.builder, windows, self.pad_id)
         padding = torch.from_numpy((np.arange(rows.input_ids.shape[1]) < rows.lengths[:, None]).astype(np.int64))
-        inputs = Inputs(rows.input_ids, padding, rows.target_pos, rows.target, rows.target_len, window_mask=rows.mask)
+        inputs = Inputs(rows.input_ids, padding, rows.target_pos, rows.target, rows.target_len, window_mask=rows.mask,
+                        key_blocks=key_blocks(rows.mask))
         soft = self.dist.read(samples["sample_id"].to_numpy()[rows.sample]) if self.cfg.uses_q else None
         return inputs, make_labels(rows.target.numpy(), rows.target_len, soft, self.trie, self.cfg)
 

@@ -12,6 +12,7 @@ from tca.collab import CollabConfig, token_dist
 from tca.collab_store import DistReader, DistWriter
 from tca.llm import ItemTargets, LoraSettings, encode, load_model, target_hidden
 from tca.losses import LossConfig, make_labels, position_losses
+from tca.packed_attention import key_blocks
 from tca.packing import encode_windows, pack_samples
 from tca.prompt import PromptBuilder
 from tca.train import Batcher, TrainConfig, Trainer
@@ -250,3 +251,43 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(world, tiny_llama,
     assert loss_on == pytest.approx(loss_off, rel=1e-6)
     for name in grads_off:
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+def test_block_local_attention_equals_the_dense_mask(world, tiny_llama, tmp_path, chunk):
+    """Packed rows cut into query chunks (tca.packed_attention) give the dense-mask forward's losses and
+    gradients: chunks of one token, chunks that split items, and one chunk longer than the rows."""
+    tiny_llama(seed=4, num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "m")  # GQA: 2 heads a K/V head
+    samples = user_samples(3, seed=10)
+    windows = pack_samples(samples, 6)
+    cfg = LossConfig("ntp")
+    model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])
+    inputs, labels = batcher.packed(samples, windows)
+    assert inputs.input_ids.shape[1] > 40
+    results = []
+    for blocks in (None, key_blocks(inputs.window_mask, chunk)):
+        model.zero_grad(set_to_none=True)
+        losses = position_losses(model.get_output_embeddings()(target_hidden(model, replace(inputs, key_blocks=blocks))), labels, cfg)
+        losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (dense, dense_grads), (block, block_grads) = results
+    torch.testing.assert_close(block, dense, rtol=1e-5, atol=1e-5)
+    for name in dense_grads:
+        torch.testing.assert_close(block_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6)
+    if chunk < inputs.input_ids.shape[1]:  # the chunks read fewer keys than a row has
+        blocks = key_blocks(inputs.window_mask, chunk)
+        assert blocks.index.shape[2] < inputs.input_ids.shape[1]
+
+
+def test_key_blocks_hold_exactly_the_keys_the_mask_allows(world):
+    samples = user_samples(2, seed=11)
+    rows = encode_windows(world["builder"], pack_samples(samples, 7), world["pad"])
+    mask = rows.mask[:, 0]
+    blocks = key_blocks(rows.mask, 8)
+    B, T = mask.shape[:2]
+    for b in range(B):
+        for q in range(T):
+            c, i = divmod(q, 8)
+            seen = blocks.index[b, c][blocks.mask[b, c, i]]
+            assert seen.tolist() == torch.nonzero(mask[b, q]).squeeze(1).tolist()
