@@ -170,6 +170,7 @@ class Inputs:
     slot_vectors: torch.Tensor | None = None  # float [S, d]: the CF vector of each slot, row-major (HybridPrompt.fill)
     window_mask: torch.Tensor | None = None  # bool [B, 1, T, T], packed rows (tca.packing): query t may attend key s
     key_blocks: KeyBlocks | None = None  # the window mask by query chunks (tca.packed_attention), for the sdpa models
+    position_ids: torch.Tensor | None = None  # int64 [B, T], packed rows concatenated into one sequence (tca.packing.concatenate)
 
     @property
     def n_tokens(self) -> int:
@@ -180,7 +181,7 @@ class Inputs:
         move = lambda t: None if t is None else t.to(device)
         return Inputs(self.input_ids.to(device), self.attention_mask.to(device), self.target_pos.to(device),
                       self.target.to(device), self.target_len, move(self.slot), move(self.slot_vectors), move(self.window_mask),
-                      move(self.key_blocks))
+                      move(self.key_blocks), move(self.position_ids))
 
 
 def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, items: np.ndarray, max_len: int,
@@ -217,10 +218,12 @@ def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     positions counted over the attended tokens (a masked-out slot takes none)."""
     if inputs.key_blocks is not None and model.config._attn_implementation == PACKED_SDPA:
         blocks = inputs.key_blocks
-        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=blocks.mask, key_index=blocks.index, use_cache=False)
+        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=blocks.mask, key_index=blocks.index,
+                                  position_ids=inputs.position_ids, use_cache=False)
         return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
     if inputs.window_mask is not None:
-        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=model_mask(model, inputs.window_mask), use_cache=False)
+        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=model_mask(model, inputs.window_mask),
+                                  position_ids=inputs.position_ids, use_cache=False)
         return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
     if inputs.slot is None:
         tokens = {"input_ids": inputs.input_ids}

@@ -99,6 +99,7 @@ class PackedRows:
     target: torch.Tensor  # int64 [N]: target ids, target after target (row order)
     target_len: np.ndarray  # int64 [S]: ids per supervised sample, in row order
     sample: np.ndarray  # int64 [S]: the sample row of each supervised target, in row order
+    position_ids: torch.Tensor | None = None  # int64 [R, T] when the rows are not each at positions 0.. (`concatenate`)
 
 
 def encode_windows(builder: PromptBuilder, windows: Windows, pad_id: int) -> PackedRows:
@@ -146,3 +147,17 @@ def select_rows(windows: Windows, rows: np.ndarray) -> Windows:
     start = np.cumsum(windows.n_items) - windows.n_items
     at = concat_ranges(start[rows], windows.n_items[rows])
     return Windows(n_items=windows.n_items[rows], item=windows.item[at], sample=windows.sample[at], window=windows.window[at])
+
+
+def concatenate(rows: PackedRows) -> PackedRows:
+    """The rows end to end as one sequence without padding (rows of a batch differ in length: users
+    have fewer samples than a row holds). Each row keeps its positions (they restart at 0) and its
+    mask; no token sees another row's, so every target's logits are those of its own row."""
+    R, width = rows.input_ids.shape
+    row, pos = (torch.from_numpy(a) for a in ragged_index(rows.lengths))
+    same_row = row[:, None] == row[None, :]
+    mask = same_row & rows.mask[row[:, None], 0, pos[:, None], pos[None, :]]
+    offset = torch.from_numpy(np.cumsum(rows.lengths) - rows.lengths)
+    return PackedRows(input_ids=rows.input_ids[row, pos][None], lengths=np.array([len(row)]), mask=mask[None, None],
+                      target_pos=offset[rows.target_pos // width] + rows.target_pos % width, target=rows.target,
+                      target_len=rows.target_len, sample=rows.sample, position_ids=pos[None])

@@ -46,7 +46,7 @@ from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.packed_attention import key_blocks
-from tca.packing import PACKINGS, Windows, encode_windows, pack_samples, select_rows
+from tca.packing import PACKINGS, Windows, concatenate, encode_windows, pack_samples, select_rows
 from tca.prompt import PromptBuilder
 from tca.ragged import ragged_index
 from tca.sid import SID_BACKBONES
@@ -85,7 +85,7 @@ class TrainConfig:
     curriculum_start: float = 0.0  # llara: share of the steps after which hybrid prompts start replacing text-only ones
     curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
     packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.packing)
-    pack_targets: int = 30  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
+    pack_targets: int = 60  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
     grad_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): memory for 8B models / long rows
     finetune: str = "lora"  # lora (the lora section's adapter) | full (every weight of the LLM; for small models)
     reference_quirks: bool = False  # the authors' code as it runs: last title token and EOS unsupervised, projector frozen, schedule 16x longer
@@ -156,10 +156,9 @@ class Batcher:
 
     def packed(self, samples: pl.DataFrame, windows: Windows) -> tuple[Inputs, Labels]:
         """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
-        rows = encode_windows(self.builder, windows, self.pad_id)
-        padding = torch.from_numpy((np.arange(rows.input_ids.shape[1]) < rows.lengths[:, None]).astype(np.int64))
-        inputs = Inputs(rows.input_ids, padding, rows.target_pos, rows.target, rows.target_len, window_mask=rows.mask,
-                        key_blocks=key_blocks(rows.mask))
+        rows = concatenate(encode_windows(self.builder, windows, self.pad_id))
+        inputs = Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len,
+                        window_mask=rows.mask, key_blocks=key_blocks(rows.mask), position_ids=rows.position_ids)
         soft = self.dist.read(samples["sample_id"].to_numpy()[rows.sample]) if self.cfg.uses_q else None
         return inputs, make_labels(rows.target.numpy(), rows.target_len, soft, self.trie, self.cfg)
 

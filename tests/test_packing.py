@@ -10,7 +10,7 @@ import torch
 
 from tca.collab import CollabConfig, token_dist
 from tca.collab_store import DistReader, DistWriter
-from tca.llm import ItemTargets, LoraSettings, encode, load_model, target_hidden
+from tca.llm import Inputs, ItemTargets, LoraSettings, encode, load_model, target_hidden
 from tca.losses import LossConfig, make_labels, position_losses
 from tca.packed_attention import key_blocks
 from tca.packing import encode_windows, pack_samples
@@ -291,3 +291,30 @@ def test_key_blocks_hold_exactly_the_keys_the_mask_allows(world):
             c, i = divmod(q, 8)
             seen = blocks.index[b, c][blocks.mask[b, c, i]]
             assert seen.tolist() == torch.nonzero(mask[b, q]).squeeze(1).tolist()
+
+
+def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
+    """A micro-batch's rows run end to end as one unpadded sequence: every target's loss and the
+    gradients are those of the right-padded batch of rows (no token attends across rows; positions
+    restart per row, which a RoPE model could not tell from shifted ones)."""
+    tiny_llama(seed=5).save_pretrained(tmp_path / "m")
+    samples = user_samples(4, seed=12)
+    windows = pack_samples(samples, 5)
+    rows = encode_windows(world["builder"], windows, world["pad"])
+    assert len(set(rows.lengths.tolist())) > 1  # rows of different lengths: the padded batch has padding
+    cfg = LossConfig("ntp")
+    model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    padded = Inputs(rows.input_ids, torch.from_numpy((np.arange(rows.input_ids.shape[1]) < rows.lengths[:, None]).astype(np.int64)),
+                    rows.target_pos, rows.target, rows.target_len, window_mask=rows.mask)
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])
+    joined, labels = batcher.packed(samples, windows)
+    assert joined.input_ids.shape == (1, rows.lengths.sum())
+    results = []
+    for inputs in (padded, joined):
+        model.zero_grad(set_to_none=True)
+        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+        losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
