@@ -177,8 +177,9 @@ def test_tokens_outside_a_window_do_not_reach_its_target(world, tiny_llama, tmp_
                     assert (after[k] - before[k]).abs().max() > 1e-3
 
 
-def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
-    """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is exact."""
+def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path, host_syncs):
+    """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is
+    exact; a micro-batch's forward and backward make no host sync."""
     tiny_llama(seed=0, initializer_range=0.3).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     samples = user_samples(5, seed=8)
@@ -198,6 +199,12 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
 
     t = make(tmp_path / "a")
     assert t.n_units == len(pack_samples(samples, 4).n_items) < samples.height
+    rows = t.order(0)[: t.step_size]
+    inputs, labels = t.prepare(t.micro_batches(rows)[0])
+    with host_syncs() as syncs:
+        t.micro_step(inputs, labels, int(t.target_len[rows].sum()))
+    assert syncs.calls == [] and inputs.window_mask is not None
+    t.optimizer.zero_grad()
     t.run()
     log = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     losses = [r["loss"] for r in log]
@@ -207,11 +214,11 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
     interrupted = make(tmp_path / "b")
     original, taken = interrupted.train_step, []
 
-    def stop_after_three(rows):
+    def stop_after_three(rows, batches):
         if len(taken) == 3:
             raise KeyboardInterrupt
         taken.append(rows)
-        return original(rows)
+        return original(rows, batches)
 
     interrupted.train_step = stop_after_three
     with pytest.raises(KeyboardInterrupt):
