@@ -25,16 +25,16 @@ NAME = "tca_beam"
 
 
 class BeamKV:
-    """Per layer, the prompt's keys/values [B, G, P, d] and the beams' generated ones [B * K, G, t, d].
+    """Per layer, the prompt's keys/values [B, G, P, d] and the beams' generated ones [B * W, G, t, d].
 
-    Rows (the model's batch) are beams: row b * K + k is beam k of sample b, alive or not (a dead
+    Rows (the model's batch) are beams: row b * W + k is beam k of sample b, alive or not (a dead
     beam's row is computed and ignored, so the shapes stay fixed); before the first `select` there
-    is one row per sample (the prompt forward). Samples leave only when `select` says so.
+    is one row per sample (the prompt forward). Samples leave, and W changes, only when `select` says so.
     """
 
-    def __init__(self, prompt_mask: torch.Tensor, num_beams: int):
+    def __init__(self, prompt_mask: torch.Tensor):
         self.prompt_mask = prompt_mask.bool()  # [B, P], left padding is False
-        self.num_beams = num_beams
+        self.width = 1  # W: rows per sample
         self.prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.beams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -44,16 +44,17 @@ class BeamKV:
         if keep is not None:
             self.prompt = {layer: (k[keep], v[keep]) for layer, (k, v) in self.prompt.items()}
             self.prompt_mask = self.prompt_mask[keep]
+        self.width = len(src) // len(self.prompt_mask)
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B * K, G, Hg, X] per-row values -> [B, G, K * Hg, X] (a sample's beams as extra query rows)."""
+        """[B * W, G, Hg, X] per-row values -> [B, G, W * Hg, X] (a sample's beams as extra query rows)."""
         _, G, Hg, X = rows.shape
-        return rows.view(-1, self.num_beams, G, Hg, X).transpose(1, 2).reshape(-1, G, self.num_beams * Hg, X)
+        return rows.view(-1, self.width, G, Hg, X).transpose(1, 2).reshape(-1, G, self.width * Hg, X)
 
     def rows(self, dense: torch.Tensor) -> torch.Tensor:
-        """Inverse of `dense`: [B, G, K * Hg, X] -> [B * K, G, Hg, X]."""
+        """Inverse of `dense`: [B, G, W * Hg, X] -> [B * W, G, Hg, X]."""
         B, G, _, X = dense.shape
-        return dense.view(B, G, self.num_beams, -1, X).transpose(1, 2).reshape(B * self.num_beams, G, -1, X)
+        return dense.view(B, G, self.width, -1, X).transpose(1, 2).reshape(B * self.width, G, -1, X)
 
 
 def beam_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, beam_kv: BeamKV | None = None, **kwargs):

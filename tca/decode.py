@@ -1,13 +1,14 @@
 """Trie-constrained beam search over a KV cache, vectorized over beams and samples.
 
-Every live beam is one row of the model's batch and carries its trie node. Its allowed next tokens
-are the node's children, gathered from the CSR arrays on the model's device: no vocabulary-sized
-mask, no Python loop per beam or per token. The search follows Hugging Face's beam search step for
+Each of a sample's beams is one row of the model's batch (row b * W + k, W = K on a GPU) and
+carries its trie node; a dead beam's row stays, masked. Its allowed next tokens are the node's children, gathered
+from the CSR arrays on the model's device: no vocabulary-sized mask, no Python loop per beam or per
+token, and no read-back to the host inside a step (`Syncs`). The search follows Hugging Face's beam search step for
 step (the 2K best candidates per sample; a title that ends there counts only if it ranks among the
 top K; the K best unfinished ones go on; finished titles are ranked by score / length ** length_penalty;
 HF's default early-stopping rule), so its lists equal `generate` with a prefix-allowed-tokens
 function. It is cheaper than `generate` because each prompt is encoded and stored once, not once per
-beam (tca.beam_attention), and rows of dead beams and finished samples leave the batch.
+beam (tca.beam_attention), and (on a CPU) finished samples and dead beams leave the batch.
 """
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ def _forward(model, position: torch.Tensor, kv: BeamKV, **tokens) -> torch.Tenso
 @dataclass(frozen=True)
 class Syncs:
     """When the search reads back from the device. On a CPU a read-back costs nothing and every row
-    costs compute: check every step and drop finished samples from the batch. On a GPU a read-back
+    costs compute: check every step, drop finished samples and trim dead beams' rows. On a GPU a read-back
     stalls the queue and a step costs about the same with more rows: check every few steps and keep
     every shape fixed (a step could then be graph-captured or compiled)."""
 
     check_every: int  # steps between reading back whether any beam still runs (the search's one host sync)
-    shrink: bool  # at each check, finished samples leave the batch (shapes then change)
+    shrink: bool  # at each check, finished samples leave the batch and rows per sample fall to the most running beams (shapes change)
 
     @classmethod
     def default(cls, device: torch.device) -> "Syncs":
@@ -99,7 +100,7 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
     lengths = torch.as_tensor(prompts.lengths, device=device)
     ids = torch.from_numpy(pad(prompts.ids, prompts.lengths, fill=0, left=True)).to(device)  # pad id never attended
     prompt_mask = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - lengths[:, None]
-    kv = BeamKV(prompt_mask, K)
+    kv = BeamKV(prompt_mask)
     if prompts.slot is None:
         tokens = {"input_ids": ids}
     else:
@@ -113,7 +114,7 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
         if keep is not None:
             lengths = lengths[keep]
         kv.select(src, keep)
-        position = lengths[:, None].expand(-1, K).reshape(-1, 1) + t  # row b * K + k: beam k of sample b
+        position = lengths[:, None].expand(-1, kv.width).reshape(-1, 1) + t  # row b * W + k: beam k of sample b
         return _forward(model, position, kv, input_ids=tokens[:, None])
 
     with switched_to(model, ids.shape[1] + trie.max_depth):
@@ -125,11 +126,11 @@ def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormaliz
            advance: Callable[[torch.Tensor, torch.Tensor | None, int, torch.Tensor], torch.Tensor],
            tau: float = 1.0, excluded: torch.Tensor | None = None, syncs: Syncs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The search proper, from each sample's first next-token logits [B, V] (row b: sample b), for
-    any model: `advance(src, keep, t, tokens)` makes row b * K + k of the new batch (beam k of its
-    b-th sample) continue row src[b * K + k] of the previous one with tokens[b * K + k] at step t and
-    returns the new rows' next-token logits [B' * K, V]; `keep` (None: all) are the indices of the
-    previous batch's samples that stay in it (`syncs.shrink`). `tau`: the temperature of the
-    renormalized softmax; `excluded`: see `beam_search`.
+    any model: `advance(src, keep, t, tokens)` makes row b * W + k of the new batch (beam k of its
+    b-th sample; W = len(src) / samples) continue row src[b * W + k] of the previous one with
+    tokens[b * W + k] at step t and returns the new rows' next-token logits [B' * W, V]; `keep`
+    (None: all) are the indices of the previous batch's samples that stay in it (`syncs.shrink`).
+    `tau`: the temperature of the renormalized softmax; `excluded`: see `beam_search`.
 
     A step's shapes depend on (samples in the batch, K, t) only and it reads nothing back to the
     host: rows of dead beams and of finished samples stay in the batch, masked (score -inf), until
@@ -192,10 +193,14 @@ def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormaliz
                 sample, fin_score, fin_node, done, run_score, pick_row, pick_edge = (
                     x[keep] for x in (sample, fin_score, fin_node, done, run_score, pick_row, pick_edge))
                 excluded = None if excluded is None else excluded[keep]
+            if syncs.shrink:  # a sample's running beams come first (sorted): as many rows as the most of them
+                width = int((run_score > NEG_INF).sum(1).max())
+                run_score, pick_row, pick_edge = run_score[:, :width], pick_row[:, :width], pick_edge[:, :width]
         block = torch.arange(len(sample), device=device) if keep is None else keep  # the samples' blocks of rows before the step
-        src = (block[:, None] * W + pick_row.clamp(max=W - 1)).view(-1)  # padding candidates: any row (dead)
-        score, node = run_score.view(-1), trie.child_node[pick_edge.view(-1)]
-        logits = advance(src, keep, t, trie.child_token[pick_edge.view(-1)])
+        src = (block[:, None] * W + pick_row.clamp(max=W - 1)).flatten()  # padding candidates: any row (dead)
+        score, step_edge = run_score.flatten(), pick_edge.flatten()
+        node = trie.child_node[step_edge]
+        logits = advance(src, keep, t, trie.child_token[step_edge])
     out_score[sample], out_node[sample] = fin_score, fin_node
     return torch.where(out_score > NEG_INF, out_node, -1), out_score
 

@@ -258,6 +258,7 @@ class Trainer:
                                           minlength=len(self.windows.n_items)).astype(np.int64)
         self.n_units = len(self.target_len)
         self.unit_len = batcher.lengths(samples) if cfg.bucketing and self.windows is None else None
+        self._order = (-1, None)
         self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # units per optimizer step, all ranks
         self.steps_per_epoch = math.ceil(self.n_units / self.step_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -365,6 +366,12 @@ class Trainer:
         """The unit order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same.
         Bucketing sorts each window of `BUCKET_GROUPS` groups (a micro-batch on every rank) of the
         shuffled units by length, then shuffles the groups: every unit once, similar lengths together."""
+        cached = self._order  # (epoch, order): every step asks; one read, as the prefetch thread asks too
+        if cached[0] != epoch:
+            cached = self._order = (epoch, self._shuffle(epoch))
+        return cached[1]
+
+    def _shuffle(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, epoch])
         order = rng.permutation(self.n_units)
         if self.unit_len is None:
@@ -410,7 +417,7 @@ class Trainer:
         batches = map(self.prepare, units) if batches is None else batches
         loss_sum, n_tokens = torch.zeros((), device=self.device), 0
         for piece, (inputs, labels) in zip(units, batches):  # zip takes no more batches than this step has
-            if self.windows is None:
+            if self.batcher.hybrid is not None:
                 inputs = self.batcher.fill(inputs, self.samples[piece], self.state["step"] / self.total_steps)
             n_tokens += inputs.n_tokens  # host tensors
             loss_sum += self.micro_step(inputs, labels, n_target)

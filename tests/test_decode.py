@@ -285,3 +285,14 @@ def test_device_trie_branching_bounds_every_node_of_its_depth(catalog):
     for d in range(dtrie.max_depth):
         assert dtrie.branching[d] == count[depth == d].max()
     assert dtrie.branching[0] == count[0] > 1
+
+
+def test_grouped_query_attention_equals_exhaustive_reference(tiny_llama, catalog):
+    """4 query heads sharing 2 key/value heads (Llama-3, Qwen2.5): the prefill expands K/V to every
+    head, the decode steps score each group's heads as extra query rows; the lists stay exact."""
+    trie, targets, prompts, _ = catalog
+    gqa = tiny_llama(seed=1, initializer_range=0.15, num_attention_heads=4, num_key_value_heads=2)
+    items, scores = search(gqa, catalog, len(TITLES))
+    for row, ref in enumerate(reference(title_log_probs(gqa, prompts, trie, targets), targets)):
+        assert items[row].tolist() == [i for _, i in ref]
+        np.testing.assert_allclose(scores[row], [s for s, _ in ref], atol=1e-4, rtol=0)

@@ -530,14 +530,14 @@ def test_bucketing_keeps_each_epoch_s_samples_and_pads_less(world, tiny_model_di
     bucketed micro-batches hold prompts of similar length. The lengths it sorts by are the encoded ones."""
     samples = pl.concat([make_samples(150, 7, start_id=1000), world["samples"]])
     cfg = replace(BASE, micro_batch=4, grad_accum=2)
-    on, off = (trainer(world, tiny_model_dir, replace(cfg, bucketing=b), tmp_path / str(b), samples=samples) for b in (True, False))
+    on, off, again = (trainer(world, tiny_model_dir, replace(cfg, bucketing=b), tmp_path / str(b), samples=samples) for b in (True, False, True))
     rows = samples[:50]
     lengths = encode(world["builder"], world["targets"], rows["history"], rows["item_id"].to_numpy(), cfg.max_len, world["pad"]).attention_mask.sum(1)
     assert on.unit_len[:50].tolist() == lengths.tolist() and off.unit_len is None
     for epoch in (0, 1):
         order = on.order(epoch)
         assert sorted(order.tolist()) == list(range(samples.height)) == sorted(off.order(epoch).tolist())
-        assert np.array_equal(order, on.order(epoch)) and not np.array_equal(order, on.order(1 - epoch))
+        assert np.array_equal(order, again.order(epoch)) and not np.array_equal(order, again.order(1 - epoch))
         assert padded_tokens(on, order) < 0.9 * padded_tokens(on, off.order(epoch)), epoch
     mb = [on.unit_len[units] for units in on.micro_batches(on.order(0)[: on.step_size])]
     assert max(int(m.max() - m.min()) for m in mb) <= 2  # 170 samples of ~10 lengths: micro-batches of one length or two

@@ -171,7 +171,7 @@ def sid_beam_search(model, ids: torch.Tensor, mask: torch.Tensor, trie: DeviceTr
         if keep is not None:
             encoded, mask = encoded[keep], mask[keep]
         prefix = torch.cat([prefix[src], tokens[:, None]], 1)
-        return logits_of(prefix, torch.arange(len(encoded), device=ids.device).repeat_interleave(num_beams))  # row b * K + k: sample b
+        return logits_of(prefix, torch.arange(len(encoded), device=ids.device).repeat_interleave(len(src) // len(encoded)))  # row b * W + k: sample b
 
     return search(trie, logits_of(prefix, torch.arange(len(ids), device=ids.device)), num_beams, length_penalty, renormalize, advance,
                   excluded=None if excluded is None else excluded.to(ids.device))
