@@ -25,36 +25,36 @@ NAME = "tca_beam"
 
 
 class BeamKV:
-    """Per layer, the prompt's keys/values [B, G, P, d] and the live beams' generated ones [R, G, t, d].
+    """Per layer, the prompt's keys/values [B, G, P, d] and the beams' generated ones [B * W, G, t, d].
 
-    Rows (the model's batch) are live beams: `sample[r]`, `slot[r]` say whose prompt and which of its
-    `num_beams` slots; before the first `select` there is one row per sample (the prompt forward).
+    Rows (the model's batch) are beams: row b * W + k is beam k of sample b, alive or not (a dead
+    beam's row is computed and ignored, so the shapes stay fixed); before the first `select` there
+    is one row per sample (the prompt forward). Samples leave, and W changes, only when `select` says so.
     """
 
-    def __init__(self, prompt_mask: torch.Tensor, num_beams: int):
+    def __init__(self, prompt_mask: torch.Tensor):
         self.prompt_mask = prompt_mask.bool()  # [B, P], left padding is False
-        self.num_beams = num_beams
-        self.sample = torch.arange(len(prompt_mask), device=prompt_mask.device)
-        self.slot = torch.zeros_like(self.sample)
+        self.width = 1  # W: rows per sample
         self.prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.beams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def select(self, src: torch.Tensor, sample: torch.Tensor, slot: torch.Tensor) -> None:
-        """The next step's rows: row i continues row `src[i]` and sits in (`sample[i]`, `slot[i]`)."""
+    def select(self, src: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The next step's rows: row i continues row `src[i]`; `keep`: the samples that stay (None: all)."""
         self.beams = {layer: (k[src], v[src]) for layer, (k, v) in self.beams.items()}
-        self.sample, self.slot = sample, slot
+        if keep is not None:
+            self.prompt = {layer: (k[keep], v[keep]) for layer, (k, v) in self.prompt.items()}
+            self.prompt_mask = self.prompt_mask[keep]
+        self.width = len(src) // len(self.prompt_mask)
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
-        """[R, G, Hg, X] per-row values -> [B, G, K * Hg, X], zeros in empty slots (beams as query rows)."""
-        B, (_, G, Hg, X) = len(self.prompt_mask), rows.shape
-        out = rows.new_zeros(B, self.num_beams, G, Hg, X)
-        out[self.sample, self.slot] = rows
-        return out.transpose(1, 2).reshape(B, G, self.num_beams * Hg, X)
+        """[B * W, G, Hg, X] per-row values -> [B, G, W * Hg, X] (a sample's beams as extra query rows)."""
+        _, G, Hg, X = rows.shape
+        return rows.view(-1, self.width, G, Hg, X).transpose(1, 2).reshape(-1, G, self.width * Hg, X)
 
     def rows(self, dense: torch.Tensor) -> torch.Tensor:
-        """Inverse of `dense`: [B, G, K * Hg, X] -> [R, G, Hg, X]."""
+        """Inverse of `dense`: [B, G, W * Hg, X] -> [B * W, G, Hg, X]."""
         B, G, _, X = dense.shape
-        return dense.view(B, G, self.num_beams, -1, X)[self.sample, :, self.slot]
+        return dense.view(B, G, self.width, -1, X).transpose(1, 2).reshape(B * self.width, G, -1, X)
 
 
 def beam_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, beam_kv: BeamKV | None = None, **kwargs):
@@ -62,11 +62,13 @@ def beam_attention(module, query, key, value, attention_mask, scaling, dropout=0
     kv, layer = beam_kv, module.layer_idx
     if layer not in kv.prompt:  # the prompt forward: causal attention over the left-padded prompts
         kv.prompt[layer] = (key, value)
-        P = key.shape[2]
+        P, groups = key.shape[2], query.shape[1] // key.shape[1]
         causal = torch.ones(P, P, dtype=torch.bool, device=key.device).tril()
         # padding queries attend to themselves only: finite values where nothing reads them
         mask = causal & (kv.prompt_mask[:, None, None, :] | torch.eye(P, dtype=torch.bool, device=key.device))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        # K/V expanded to every query head: SDPA with a mask and enable_gqa falls back to its math kernel on CUDA
+        key, value = (x.repeat_interleave(groups, 1) if groups > 1 else x for x in (key, value))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
         return out.transpose(1, 2), None
     prompt_k, prompt_v = kv.prompt[layer]
     k, v = (torch.cat([kv.beams[layer][0], key], 2), torch.cat([kv.beams[layer][1], value], 2)) if layer in kv.beams else (key, value)
@@ -74,8 +76,8 @@ def beam_attention(module, query, key, value, attention_mask, scaling, dropout=0
     R, H, _, d = query.shape
     G = key.shape[1]
     q = query.view(R, G, H // G, d)
-    on_prompt = kv.rows(kv.dense(q) @ prompt_k.transpose(-1, -2))  # [R, G, Hg, P]
-    on_prompt = on_prompt.masked_fill(~kv.prompt_mask[kv.sample, None, None, :], float("-inf"))
+    on_prompt = kv.dense(q) @ prompt_k.transpose(-1, -2)  # [B, G, K * Hg, P]
+    on_prompt = kv.rows(on_prompt.masked_fill(~kv.prompt_mask[:, None, None, :], float("-inf")))  # [R, G, Hg, P]
     scores = torch.cat([on_prompt, q @ k.transpose(-1, -2)], -1) * scaling
     probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     P = prompt_k.shape[2]

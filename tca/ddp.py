@@ -96,19 +96,22 @@ def gather(obj, world: World) -> list:
     return out
 
 
-def sum_gradients(params: list[torch.Tensor], extra: list[float], world: World) -> list[float]:
-    """Sum the gradients of `params` (None counts as zeros) and the numbers `extra` over all ranks,
-    in place, in one all-reduce; returns the summed `extra`."""
+def sum_gradients(params: list[torch.Tensor], extra: list, world: World) -> list:
+    """Sum the gradients of `params` (None counts as zeros) and the numbers `extra` (floats or 0-d
+    tensors) over all ranks, in place, in one all-reduce; returns the summed `extra` as 0-d float64
+    tensors on the gradients' device (unread: reading them waits for the all-reduce)."""
     if world.size == 1:
         return extra
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [torch.tensor(extra, dtype=torch.float64, device=grads[0].device)])
+    device = grads[0].device
+    numbers = torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device) for x in extra])
+    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [numbers])
     torch.distributed.all_reduce(flat)
     at = 0
     for p, g in zip(params, grads):
         p.grad = flat[at : at + g.numel()].view_as(g).to(g.dtype)
         at += g.numel()
-    return flat[at:].tolist()
+    return list(flat[at:])
 
 
 def sync_parameters(params: list[torch.Tensor], world: World) -> None:

@@ -1,17 +1,19 @@
 """Trie-constrained beam search over a KV cache, vectorized over beams and samples.
 
-Every live beam is one row of the model's batch and carries its trie node. Its allowed next tokens
-are the node's children, gathered from the CSR arrays on the model's device: no vocabulary-sized
-mask, no Python loop per beam or per token. The search follows Hugging Face's beam search step for
+Each of a sample's beams is one row of the model's batch (row b * W + k, W = K on a GPU) and
+carries its trie node; a dead beam's row stays, masked. Its allowed next tokens are the node's children, gathered
+from the CSR arrays on the model's device: no vocabulary-sized mask, no Python loop per beam or per
+token, and no read-back to the host inside a step (`Syncs`). The search follows Hugging Face's beam search step for
 step (the 2K best candidates per sample; a title that ends there counts only if it ranks among the
 top K; the K best unfinished ones go on; finished titles are ranked by score / length ** length_penalty;
 HF's default early-stopping rule), so its lists equal `generate` with a prefix-allowed-tokens
 function. It is cheaper than `generate` because each prompt is encoded and stored once, not once per
-beam (tca.beam_attention), and rows of dead beams and finished samples leave the batch.
+beam (tca.beam_attention), and (on a CPU) finished samples and dead beams leave the batch.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ NEG_INF = float("-inf")
 
 
 class DeviceTrie:
-    """The CSR arrays the search reads, as int64 tensors on the model's device."""
+    """The CSR arrays the search reads, as int64 tensors on the model's device, and the widest node
+    of each depth (a host list: step t of the search gathers that many children per beam, a fixed shape)."""
 
     def __init__(self, trie: Trie, device: torch.device | str):
         self.child_ptr = torch.as_tensor(trie.child_ptr, dtype=torch.long, device=device)
@@ -34,15 +37,19 @@ class DeviceTrie:
         self.child_node = torch.as_tensor(trie.child_node, dtype=torch.long, device=device)
         self.node_lo = torch.as_tensor(trie.node_lo, dtype=torch.long, device=device)
         self.node_hi = torch.as_tensor(trie.node_hi, dtype=torch.long, device=device)
-        self.max_depth = int(trie.depths().max())
+        depth = trie.depths()
+        self.max_depth = int(depth.max())
+        branching = np.zeros(self.max_depth + 1, dtype=np.int64)
+        np.maximum.at(branching, depth, np.diff(trie.child_ptr))
+        self.branching = branching[: self.max_depth].tolist()
 
-    def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """nodes [R] -> edge ids [R, C] (C = the most children among these nodes) and which of them exist."""
+    def children(self, nodes: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """nodes [R] -> edge ids [R, width] (width >= the most children among these nodes) and which of them exist."""
         start = self.child_ptr[nodes]
         count = self.child_ptr[nodes + 1] - start
-        width = torch.arange(int(count.max()), device=nodes.device)
-        valid = width < count[:, None]
-        return torch.where(valid, start[:, None] + width, 0), valid
+        offset = torch.arange(width, device=nodes.device)
+        valid = offset < count[:, None]
+        return torch.where(valid, start[:, None] + offset, 0), valid
 
     def has_open_items(self, nodes: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
         """nodes [R, C], excluded [R, H] (distinct sorted-item rows of each row's excluded items, -1 padded)
@@ -62,24 +69,38 @@ def _forward(model, position: torch.Tensor, kv: BeamKV, **tokens) -> torch.Tenso
     return out.logits[:, -1].float()
 
 
+@dataclass(frozen=True)
+class Syncs:
+    """When the search reads back from the device. On a CPU a read-back costs nothing and every row
+    costs compute: check every step, drop finished samples and trim dead beams' rows. On a GPU a read-back
+    stalls the queue and a step costs about the same with more rows: check every few steps and keep
+    every shape fixed (a step could then be graph-captured or compiled)."""
+
+    check_every: int  # steps between reading back whether any beam still runs (the search's one host sync)
+    shrink: bool  # at each check, finished samples leave the batch and rows per sample fall to the most running beams (shapes change)
+
+    @classmethod
+    def default(cls, device: torch.device) -> "Syncs":
+        return cls(1, True) if device.type == "cpu" else cls(4, False)
+
+
 @torch.inference_mode()
 def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, length_penalty: float = 1.0,
                 renormalize: bool = False, slot_vectors: torch.Tensor | None = None, tau: float = 1.0,
-                excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                excluded: torch.Tensor | None = None, syncs: Syncs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `num_beams` best complete titles per prompt: their trie leaves [B, K] (-1 where fewer titles
     finished) and ranked scores [B, K] (-inf there). A title's score is the sum of its tokens' log-probs
     (full softmax, or with `renormalize` the softmax of logits / `tau` over the trie children: the
     distribution MSL trains with its train.msl_tau) / its length ** length_penalty.
     Hybrid prompts (with `prompts.slot`) need the CF vectors of their slots (`HybridPrompt.vectors`).
     `excluded` [B, H] (`excluded_rows`): items no title may lead to (a sample's history): a token is
-    allowed only if some item under its node is not excluded.
+    allowed only if some item under its node is not excluded. `syncs`: default for the model's device.
     """
     device, K, lp = trie.child_ptr.device, num_beams, length_penalty
     lengths = torch.as_tensor(prompts.lengths, device=device)
-    B = len(lengths)
     ids = torch.from_numpy(pad(prompts.ids, prompts.lengths, fill=0, left=True)).to(device)  # pad id never attended
     prompt_mask = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - lengths[:, None]
-    kv = BeamKV(prompt_mask, K)
+    kv = BeamKV(prompt_mask)
     if prompts.slot is None:
         tokens = {"input_ids": ids}
     else:
@@ -88,72 +109,100 @@ def beam_search(model, prompts: Prompts, trie: DeviceTrie, num_beams: int = 10, 
         slot = torch.from_numpy(pad(prompts.slot, prompts.lengths, fill=0, left=True)).to(device)
         tokens = {"inputs_embeds": input_embeds(model, ids, slot, slot_vectors)}
 
-    def advance(src: torch.Tensor, sample: torch.Tensor, slot: torch.Tensor, t: int, tokens: torch.Tensor) -> torch.Tensor:
-        kv.select(src, sample, slot)
-        return _forward(model, (lengths[sample] + t)[:, None], kv, input_ids=tokens[:, None])
+    def advance(src: torch.Tensor, keep: torch.Tensor | None, t: int, tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal lengths
+        if keep is not None:
+            lengths = lengths[keep]
+        kv.select(src, keep)
+        position = lengths[:, None].expand(-1, kv.width).reshape(-1, 1) + t  # row b * W + k: beam k of sample b
+        return _forward(model, position, kv, input_ids=tokens[:, None])
 
     with switched_to(model, ids.shape[1] + trie.max_depth):
         return search(trie, _forward(model, (prompt_mask.cumsum(1) - 1).clamp(min=0), kv, **tokens), K, lp, renormalize, advance, tau,
-                      excluded=None if excluded is None else excluded.to(device))
+                      excluded=None if excluded is None else excluded.to(device), syncs=syncs)
 
 
 def search(trie: DeviceTrie, logits: torch.Tensor, K: int, lp: float, renormalize: bool,
-           advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor],
-           tau: float = 1.0, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           advance: Callable[[torch.Tensor, torch.Tensor | None, int, torch.Tensor], torch.Tensor],
+           tau: float = 1.0, excluded: torch.Tensor | None = None, syncs: Syncs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The search proper, from each sample's first next-token logits [B, V] (row b: sample b), for
-    any model: `advance(src, sample, slot, t, tokens)` makes row i of the new batch continue row
-    src[i] of the previous one (as beam `slot[i]` of `sample[i]`) with `tokens[i]` at step t and
-    returns the new rows' next-token logits. `tau`: the temperature of the renormalized softmax;
-    `excluded`: see `beam_search`."""
+    any model: `advance(src, keep, t, tokens)` makes row b * W + k of the new batch (beam k of its
+    b-th sample; W = len(src) / samples) continue row src[b * W + k] of the previous one with
+    tokens[b * W + k] at step t and returns the new rows' next-token logits [B' * W, V]; `keep`
+    (None: all) are the indices of the previous batch's samples that stay in it (`syncs.shrink`).
+    `tau`: the temperature of the renormalized softmax; `excluded`: see `beam_search`.
+
+    A step's shapes depend on (samples in the batch, K, t) only and it reads nothing back to the
+    host: rows of dead beams and of finished samples stay in the batch, masked (score -inf), until
+    the next check (`Syncs`)."""
     device, B = logits.device, len(logits)
-    # live rows of the model's batch: their sample, beam slot, trie node and summed log-prob
-    sample, slot = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
+    syncs = syncs or Syncs.default(device)
+    # rows of the model's batch, [samples, W] (W = 1 before the first step, K after): trie node and summed log-prob
     node = torch.zeros(B, dtype=torch.long, device=device)
     score = torch.zeros(B, device=device)
+    # per sample in the batch: its finished titles, whether it is done, and which input sample it is
     fin_score = torch.full((B, K), NEG_INF, device=device)
     fin_node = torch.full((B, K), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    sample = torch.arange(B, device=device)
+    out_score, out_node = fin_score.clone(), fin_node.clone()  # [B, K], by input sample
     for t in range(trie.max_depth):
-        edge, valid = trie.children(node)
+        n, C = len(sample), trie.branching[t]
+        W = len(node) // n
+        edge, valid = trie.children(node, C)
+        valid &= (score > NEG_INF)[:, None]  # a dead row proposes nothing
         if excluded is not None:
-            valid &= trie.has_open_items(trie.child_node[edge], excluded[sample])
-        C = edge.shape[1]
+            valid &= trie.has_open_items(trie.child_node[edge].view(n, W * C), excluded).view(n * W, C)
         z = logits.gather(1, trie.child_token[edge])
         if renormalize:
             z = z / tau
             logp = z - z.masked_fill(~valid, NEG_INF).logsumexp(1, keepdim=True)
         else:
             logp = z - logits.logsumexp(1, keepdim=True)
-        cand = torch.full((B, K, C), NEG_INF, device=device)
-        cand[sample, slot] = (score[:, None] + logp).masked_fill(~valid, NEG_INF)
-        cand_edge = torch.zeros((B, K, C), dtype=torch.long, device=device)
-        cand_edge[sample, slot] = edge
-        top_score, top = cand.view(B, -1).topk(min(2 * K, K * C))
-        top_edge = cand_edge.view(B, -1).gather(1, top)
+        cand = (score[:, None] + logp).masked_fill(~valid, NEG_INF).view(n, W * C)  # [samples, beams x children]
+        cand_edge = edge.view(n, W * C)
+        if W * C < 2 * K:  # always 2K candidates, the ones beyond the children -inf
+            cand = torch.nn.functional.pad(cand, (0, 2 * K - W * C), value=NEG_INF)
+            cand_edge = torch.nn.functional.pad(cand_edge, (0, 2 * K - W * C))
+        top_score, top = cand.topk(2 * K)
+        top_edge = cand_edge.gather(1, top)
         top_node = trie.child_node[top_edge]
         ends = trie.is_leaf(top_node) & (top_score > NEG_INF)
 
         # titles that end here join the finished pool if they rank in the top K candidates (as in HF)
         new = torch.where(ends[:, :K], top_score[:, :K] / (t + 1) ** lp, NEG_INF)
-        fin_score, keep = torch.cat([fin_score, new], 1).topk(K)
-        fin_node = torch.cat([fin_node, top_node[:, :K]], 1).gather(1, keep)
+        fin_score, best = torch.cat([fin_score, new], 1).topk(K)
+        fin_node = torch.cat([fin_node, top_node[:, :K]], 1).gather(1, best)
 
         # the K best unfinished candidates go on; HF's rule stops a sample once its best running
         # beam, length-penalized at the current length, cannot beat its worst finished title
-        run_score, pick = top_score.masked_fill(ends, NEG_INF).topk(min(K, top.shape[1]))
+        run_score, pick = top_score.masked_fill(ends, NEG_INF).topk(K)
         done |= ~(run_score[:, 0] / (t + 1) ** lp > fin_score[:, -1])
-        live = (run_score > NEG_INF) & ~done[:, None]
-        if not live.any():
+        run_score = run_score.masked_fill(done[:, None], NEG_INF)
+        pick_row, pick_edge = top.gather(1, pick) // C, top_edge.gather(1, pick)
+        keep = None
+        if t + 1 == trie.max_depth:
             break
-        row_of = torch.full((B, K), -1, dtype=torch.long, device=device)
-        row_of[sample, slot] = torch.arange(len(sample), device=device)
-        new_sample, new_slot = live.nonzero(as_tuple=True)
-        src = row_of[new_sample, (top // C).gather(1, pick)[new_sample, new_slot]]
-        step_edge = top_edge.gather(1, pick)[new_sample, new_slot]
-        sample, slot, score = new_sample, new_slot, run_score[new_sample, new_slot]
+        if (t + 1) % syncs.check_every == 0:
+            running = run_score[:, 0] > NEG_INF
+            if not running.any():
+                break
+            if syncs.shrink and not running.all():
+                out_score[sample], out_node[sample] = fin_score, fin_node  # final for the samples that leave
+                keep = running.nonzero().squeeze(1)
+                sample, fin_score, fin_node, done, run_score, pick_row, pick_edge = (
+                    x[keep] for x in (sample, fin_score, fin_node, done, run_score, pick_row, pick_edge))
+                excluded = None if excluded is None else excluded[keep]
+            if syncs.shrink:  # a sample's running beams come first (sorted): as many rows as the most of them
+                width = int((run_score > NEG_INF).sum(1).max())
+                run_score, pick_row, pick_edge = run_score[:, :width], pick_row[:, :width], pick_edge[:, :width]
+        block = torch.arange(len(sample), device=device) if keep is None else keep  # the samples' blocks of rows before the step
+        src = (block[:, None] * W + pick_row.clamp(max=W - 1)).flatten()  # padding candidates: any row (dead)
+        score, step_edge = run_score.flatten(), pick_edge.flatten()
         node = trie.child_node[step_edge]
-        logits = advance(src, sample, slot, t, trie.child_token[step_edge])
-    return torch.where(fin_score > NEG_INF, fin_node, -1), fin_score
+        logits = advance(src, keep, t, trie.child_token[step_edge])
+    out_score[sample], out_node[sample] = fin_score, fin_node
+    return torch.where(out_score > NEG_INF, out_node, -1), out_score
 
 
 def excluded_rows(trie: Trie, history: np.ndarray, hist_len: np.ndarray) -> torch.Tensor:

@@ -230,7 +230,11 @@ def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     else:
         tokens = {"inputs_embeds": input_embeds(model, inputs.input_ids, inputs.slot, inputs.slot_vectors),
                   "position_ids": (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)}
-    out = model.get_decoder()(**tokens, attention_mask=inputs.attention_mask, use_cache=False)
+    mask = inputs.attention_mask
+    if model.config._attn_implementation in ("sdpa", PACKED_SDPA):  # from [B, T], HF reads the mask back to see if it may skip it: a GPU wait per forward
+        causal = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()
+        mask = causal & mask.bool()[:, None, None, :]  # the same mask, built on the device
+    out = model.get_decoder()(**tokens, attention_mask=mask, use_cache=False)
     return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
 
 

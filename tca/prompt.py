@@ -161,6 +161,15 @@ class PromptBuilder:
         return Prompts(ids=self.piece_ids[at], lengths=lengths, item_end=ends[is_item],
                        slot=None if self.piece_slot is None else self.piece_slot[at])
 
+    def lengths(self, history: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+        """The token count of each prompt `build` returns for these ragged histories, without building them."""
+        history = np.asarray(history, dtype=np.int64)
+        hist_len = np.asarray(hist_len, dtype=np.int64)
+        self._check(history)
+        items = np.bincount(np.repeat(np.arange(len(hist_len)), hist_len), weights=self.piece_len[history], minlength=len(hist_len))
+        seps = np.maximum(hist_len - 1, 0) * self.piece_len[self.SEP]
+        return self.piece_len[self.HEAD] + self.piece_len[self.TAIL] + items.astype(np.int64) + seps
+
     def fit(self, history: np.ndarray, hist_len: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The newest items of each ragged history whose prompt has at most `budget` tokens (per sample)."""
         history = np.asarray(history, dtype=np.int64)

@@ -12,6 +12,11 @@ RNG, validation history), `adapter/` (the best adapter so far, peft `save_pretra
 `log.jsonl`. Calling `train` again on the same work dir resumes from the last checkpoint and
 continues exactly as the uninterrupted run would have (same data order, same dropout draws).
 
+The loop never waits on the accelerator between log lines: a background thread (`tca.prefetch`)
+builds the next micro-batches (pinned, copied without blocking, on CUDA) while the current one runs,
+and the loss stays on the device until it is logged. With `bucketing`, each micro-batch takes
+samples of similar length (less padding); the order is still a function of (seed, epoch).
+
 Packed training (`packing: items`, `tca.packing`): the units of the epoch's order, of a micro-batch
 and of a step are packed rows of a user's consecutive samples instead of samples; everything else
 (loss normalization by target tokens, schedule, validation, resume, DDP) is the same.
@@ -31,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,7 @@ from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.packed_attention import key_blocks
 from tca.packing import PACKINGS, Windows, concatenate, encode_windows, pack_samples, select_rows
+from tca.prefetch import Prefetch
 from tca.prompt import PromptBuilder
 from tca.ragged import ragged_index
 from tca.sid import SID_BACKBONES
@@ -86,6 +92,7 @@ class TrainConfig:
     curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
     packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.packing)
     pack_targets: int = 60  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
+    bucketing: bool = True  # packing none: micro-batches of similar-length prompts (less padding); packed rows keep their order
     grad_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): memory for 8B models / long rows
     finetune: str = "lora"  # lora (the lora section's adapter) | full (every weight of the LLM; for small models)
     reference_quirks: bool = False  # the authors' code as it runs: last title token and EOS unsupervised, projector frozen, schedule 16x longer
@@ -148,11 +155,25 @@ class Batcher:
 
     def __call__(self, rows: pl.DataFrame, progress: float = 1.0) -> tuple[Inputs, Labels]:
         """`progress`: the share of training done (LLaRA's curriculum mixes text-only prompts in before its end)."""
+        inputs, labels = self.prepare(rows)
+        return self.fill(inputs, rows, progress), labels
+
+    def prepare(self, rows: pl.DataFrame) -> tuple[Inputs, Labels]:
+        """Everything but the CF slots' vectors (`fill`); draws no random numbers, so it may run in another thread."""
         inputs = encode(self.builder, self.targets, rows["history"], rows["item_id"].to_numpy(), self.max_len, self.pad_id)
-        if self.hybrid is not None:
-            inputs = self.hybrid.fill(inputs, rows["history"], progress)
         soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
         return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
+
+    def fill(self, inputs: Inputs, rows: pl.DataFrame, progress: float = 1.0) -> Inputs:
+        """The CF slots of hybrid prompts; the curriculum draws from torch's RNG, so call it where the model runs."""
+        return inputs if self.hybrid is None else self.hybrid.fill(inputs, rows["history"], progress)
+
+    def lengths(self, rows: pl.DataFrame) -> np.ndarray:
+        """Tokens of each sample's sequence (fitted prompt + target) as `prepare` builds it, without building it."""
+        target_len = self.targets.get(rows["item_id"].to_numpy())[1]
+        hist = rows["history"].explode().drop_nulls().to_numpy().astype(np.int64)
+        hist, hist_len = self.builder.fit(hist, rows["history"].list.len().to_numpy().astype(np.int64), self.max_len - target_len)
+        return self.builder.lengths(hist, hist_len) + target_len
 
     def packed(self, samples: pl.DataFrame, windows: Windows) -> tuple[Inputs, Labels]:
         """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
@@ -175,8 +196,18 @@ def batch_loss(model, inputs: Inputs, labels: Labels, cfg: LossConfig, skip_last
     return losses.sum()
 
 
+def on_tensors(batch, fn):
+    """A copy of the dataclass `batch` (`Inputs`, `Labels`) with `fn` applied to each of its tensors,
+    those of dataclass fields (`Inputs.key_blocks`) included."""
+    def apply(v):
+        return fn(v) if isinstance(v, torch.Tensor) else on_tensors(v, fn) if is_dataclass(v) else v
+
+    return replace(batch, **{f.name: apply(getattr(batch, f.name)) for f in fields(batch)})
+
+
 QUIRK_UNSUPERVISED = 2  # reference_quirks: the last title token and EOS
 QUIRK_SCHEDULE = 16  # reference_quirks: their schedule is computed over 16x the optimizer steps
+BUCKET_GROUPS = 64  # bucketing: micro-batch groups whose samples are sorted by length together
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -198,7 +229,7 @@ class Trainer:
 
     def __init__(self, model, batcher: Batcher, samples: pl.DataFrame, valid: pl.DataFrame | None, cfg: TrainConfig,
                  work_dir: Path, device: str = "cpu", log: Callable[[str], None] = print, progress=None,
-                 world: ddp.World = ddp.World(), valid_batch_size: int = EvalConfig.batch_size, exclude_history: bool = False):
+                 world: ddp.World = ddp.World(), valid_batch_size: int | str = EvalConfig.batch_size, exclude_history: bool = False):
         """`world`: this process's rank among data-parallel processes (all must pass the same other arguments).
         `valid_batch_size`: samples per beam search in validation (the stage passes eval.batch_size);
         `exclude_history`: validation decodes as the eval stage does with `eval.exclude_history`."""
@@ -231,6 +262,8 @@ class Trainer:
             self.target_len = np.bincount(row[supervised], weights=target_len[self.windows.sample[supervised]],
                                           minlength=len(self.windows.n_items)).astype(np.int64)
         self.n_units = len(self.target_len)
+        self.unit_len = batcher.lengths(samples) if cfg.bucketing and self.windows is None else None
+        self._order = (-1, None)
         self.step_size = cfg.micro_batch * cfg.grad_accum * world.size  # units per optimizer step, all ranks
         self.steps_per_epoch = math.ceil(self.n_units / self.step_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -335,39 +368,71 @@ class Trainer:
     # ----- training -----
 
     def order(self, epoch: int) -> np.ndarray:
-        """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_units)
+        """The unit order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same.
+        Bucketing sorts each window of `BUCKET_GROUPS` groups (a micro-batch on every rank) of the
+        shuffled units by length, then shuffles the groups: every unit once, similar lengths together."""
+        cached = self._order  # (epoch, order): every step asks; one read, as the prefetch thread asks too
+        if cached[0] != epoch:
+            cached = self._order = (epoch, self._shuffle(epoch))
+        return cached[1]
 
-    def my_rows(self, rows: np.ndarray) -> np.ndarray:
-        """This rank's rows of a step: its piece of `micro_batch` rows of every group of `micro_batch x world.size`."""
+    def _shuffle(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        order = rng.permutation(self.n_units)
+        if self.unit_len is None:
+            return order
+        group = self.cfg.micro_batch * self.world.size
+        order = order[np.lexsort((self.unit_len[order], np.arange(self.n_units) // (group * BUCKET_GROUPS)))]
+        full = self.n_units // group * group  # a last, partial group stays last
+        return np.concatenate([order[:full].reshape(-1, group)[rng.permutation(full // group)].ravel(), order[full:]])
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """The units of an optimizer step, all ranks."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.order(epoch)[i * self.step_size : (i + 1) * self.step_size]
+
+    def micro_batches(self, rows: np.ndarray) -> list[np.ndarray]:
+        """This rank's micro-batches of a step's units: its piece of `micro_batch` units of every group of `micro_batch x world.size`."""
         piece = np.arange(len(rows)) // self.cfg.micro_batch % self.world.size
-        return rows[piece == self.world.rank]
+        mine = rows[piece == self.world.rank]
+        return [mine[start : start + self.cfg.micro_batch] for start in range(0, len(mine), self.cfg.micro_batch)]
 
-    def micro_batch(self, units: np.ndarray) -> tuple[Inputs, Labels]:
+    def prepare(self, units: np.ndarray) -> tuple[Inputs, Labels]:
+        """A micro-batch's tensors on the host, pinned for a non-blocking copy on CUDA (no random draws: `run` calls it in a thread)."""
         if self.windows is None:
-            return self.batcher(self.samples[units], self.state["step"] / self.total_steps)
-        return self.batcher.packed(self.samples, select_rows(self.windows, units))
+            batch = self.batcher.prepare(self.samples[units])
+        else:
+            batch = self.batcher.packed(self.samples, select_rows(self.windows, units))
+        return tuple(on_tensors(b, torch.Tensor.pin_memory) for b in batch) if self.device.type == "cuda" else batch
 
-    def train_step(self, rows: np.ndarray) -> tuple[float, int, int]:
-        """One optimizer step on these units (of all ranks): (summed loss, target tokens, tokens read)."""
+    def micro_step(self, inputs: Inputs, labels: Labels, n_target: int) -> torch.Tensor:
+        """Forward and backward of a prepared micro-batch; its summed loss, left on the device (reading it would wait for the device)."""
+        to_device = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = batch_loss(self.model, on_tensors(inputs, to_device), on_tensors(labels, to_device), self.loss_cfg,
+                              QUIRK_UNSUPERVISED if self.cfg.reference_quirks else 0)
+        (loss / n_target).backward()
+        return loss.detach()
+
+    def train_step(self, rows: np.ndarray, batches=None) -> tuple[torch.Tensor, int, int | torch.Tensor]:
+        """One optimizer step on these units (of all ranks): (summed loss, on the device; target tokens; tokens read).
+        `batches`: an iterator of prepared micro-batches that starts with this step's (`run` prefetches them); default: prepared here."""
         n_target = int(self.target_len[rows].sum())
-        mine = self.my_rows(rows)
-        loss_sum, n_tokens = 0.0, 0
-        for start in range(0, len(mine), self.cfg.micro_batch):
-            inputs, labels = self.micro_batch(mine[start : start + self.cfg.micro_batch])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = batch_loss(self.model, inputs.to(self.device), labels.to(self.device), self.loss_cfg,
-                                  QUIRK_UNSUPERVISED if self.cfg.reference_quirks else 0)
-            (loss / n_target).backward()
-            loss_sum += loss.item()
-            n_tokens += inputs.n_tokens
+        units = self.micro_batches(rows)
+        batches = map(self.prepare, units) if batches is None else batches
+        loss_sum, n_tokens = torch.zeros((), device=self.device), 0
+        for piece, (inputs, labels) in zip(units, batches):  # zip takes no more batches than this step has
+            if self.batcher.hybrid is not None:
+                inputs = self.batcher.fill(inputs, self.samples[piece], self.state["step"] / self.total_steps)
+            n_tokens += inputs.n_tokens  # host tensors
+            loss_sum += self.micro_step(inputs, labels, n_target)
         loss_sum, n_tokens = ddp.sum_gradients(self.params, [loss_sum, n_tokens], self.world)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, n_target, int(n_tokens)
+        return loss_sum, n_target, n_tokens
 
     def validate(self, epoch: int) -> None:
         """Beam-search the valid samples; keep the adapter if it is the best so far, count patience if not."""
@@ -406,31 +471,32 @@ class Trainer:
                  f"loss {self.loss_cfg}")
         bar = self.progress(total=self.total_steps - start, unit="step",
                             desc="train" + (f" (resumed at step {start})" if start else "")) if self.progress else None
-        for step in range(start, self.total_steps):
-            if self.state["stopped"]:
-                break
-            epoch, i = divmod(step, self.steps_per_epoch)
-            rows = self.order(epoch)[i * self.step_size : (i + 1) * self.step_size]
-            loss_sum, n_target, n_tokens = self.train_step(rows)
-            self.state["step"] = step + 1
-            window["loss"] += loss_sum
-            window["target"] += n_target
-            window["tokens"] += n_tokens
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
-                now = time.perf_counter()
-                self.write_log({"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
-                                "loss": window["loss"] / window["target"], "lr": self.scheduler.get_last_lr()[0],
-                                "tokens_per_s": round(window["tokens"] / (now - window["time"]), 1)})
-                window = {"loss": 0.0, "target": 0, "tokens": 0, "time": now}
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum / n_target:.4f}", epoch=epoch + 1, refresh=False)
-                bar.update()
-            epoch_end, last = i + 1 == self.steps_per_epoch, step + 1 == self.total_steps
-            if self.valid is not None and self.cfg.eval_every and (last or epoch_end and (epoch + 1) % self.cfg.eval_every == 0):
-                self.validate(epoch + 1)
-                window["time"] = time.perf_counter()  # tokens/s counts training only
-            if epoch_end or last or (step + 1) % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+        with Prefetch(self.prepare, (units for step in range(start, self.total_steps) for units in self.micro_batches(self.step_rows(step)))) as batches:
+            for step in range(start, self.total_steps):
+                if self.state["stopped"]:
+                    break
+                epoch, i = divmod(step, self.steps_per_epoch)
+                loss_sum, n_target, n_tokens = self.train_step(self.step_rows(step), batches)
+                self.state["step"] = step + 1
+                window["loss"] += loss_sum
+                window["target"] += n_target
+                window["tokens"] += n_tokens
+                if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total_steps:
+                    now, loss = time.perf_counter(), float(window["loss"]) / window["target"]  # the loop's one wait on the device
+                    self.write_log({"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
+                                    "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                    "tokens_per_s": round(float(window["tokens"]) / (now - window["time"]), 1)})
+                    window = {"loss": 0.0, "target": 0, "tokens": 0, "time": now}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1, refresh=False)
+                if bar is not None:
+                    bar.update()
+                epoch_end, last = i + 1 == self.steps_per_epoch, step + 1 == self.total_steps
+                if self.valid is not None and self.cfg.eval_every and (last or epoch_end and (epoch + 1) % self.cfg.eval_every == 0):
+                    self.validate(epoch + 1)
+                    window["time"] = time.perf_counter()  # tokens/s counts training only
+                if epoch_end or last or (step + 1) % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.state["best"] is None:  # never validated: the last weights are the result

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: before torch i
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tca import base_model, gguf_convert  # noqa: E402
@@ -102,3 +103,33 @@ def llama3_like_dir(tiny_llama, pytestconfig, tokenizer, tmp_path_factory) -> Pa
     tok.pad_token = None
     tok.save_pretrained(out)
     return out
+
+
+class HostSyncs(TorchFunctionMode):
+    """Records the torch calls that read a tensor's values back to the host (on CUDA each one waits
+    for the device's queue to drain): value reads, data-dependent shapes (nonzero, boolean-mask
+    indexing, repeat_interleave by a tensor), copies to the CPU. `calls`: their names, in order."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__array__", "numpy", "cpu", "nonzero", "argwhere",
+             "masked_select", "unique", "unique_consecutive", "equal", "allclose", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        masks = name in ("__getitem__", "__setitem__") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        if (name in self.READS or masks or name == "where" and len(args) == 1
+                or name == "repeat_interleave" and isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_syncs():
+    """``with host_syncs() as syncs: ...`` -> ``syncs.calls``: the host syncs (`HostSyncs`) made inside the block."""
+    return HostSyncs

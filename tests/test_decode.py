@@ -11,7 +11,7 @@ import torch
 
 from pipeline.runner import Project
 from pipeline.stages.eval import eval_config
-from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
+from tca.decode import DeviceTrie, Syncs, beam_search, excluded_rows, ranked_items
 from tca.errors import TcaError
 from tca.hf_decode import hf_beam_search
 from tca.losses import LossConfig, make_labels, position_losses
@@ -241,3 +241,58 @@ def test_excluding_history_ranks_every_other_item_as_brute_force(model, catalog,
     few, _ = beam_search(model, prompts, DeviceTrie(trie, "cpu"), 3, renormalize=renormalize, excluded=excluded_rows(trie, flat, lengths))
     few_items, _ = ranked_items(trie, few.numpy(), np.zeros(few.shape), 3, (flat, lengths))
     assert (few_items > 0).all() and not any(set(r) & set(h) for r, h in zip(few_items.tolist(), histories))
+
+
+def test_host_syncs_counter_sees_every_kind_of_read_back(host_syncs):
+    """The counter the sync tests rely on records value reads, data-dependent shapes and copies to the host."""
+    x = torch.arange(6.0)
+    with host_syncs() as syncs:
+        y = (x * 2).topk(3).values + x[torch.tensor([0, 1, 2])]  # device-side work only
+        bool(x[0] > 1), x[1].item(), x.tolist(), x.nonzero(), x[x > 2], torch.where(x > 1), int(x[2]), x.cpu()
+        torch.repeat_interleave(x, torch.ones(6, dtype=torch.long))
+        x[x > 3] = 0
+    assert syncs.calls == ["__bool__", "item", "tolist", "nonzero", "__getitem__", "where", "__int__", "cpu", "repeat_interleave", "__setitem__"]
+    assert y.shape == (3,)
+
+
+@pytest.mark.parametrize("renormalize, exclude", [(False, False), (True, True)])
+def test_search_steps_never_read_back_from_the_device(model, catalog, tokenizer, host_syncs, renormalize, exclude):
+    """With the GPU's policy (fixed shapes, a check every 4 steps) the only host syncs of a whole search
+    are those checks; with no check at all (every step runs to the deepest title) there are none, from
+    the prompt forward to the last step. The lists equal the CPU policy's (check every step, finished
+    samples leave the batch)."""
+    trie, _, prompts, _ = catalog
+    dtrie, k = DeviceTrie(trie, "cpu"), 5
+    excluded = excluded_rows(trie, np.concatenate(HISTORIES), np.array([len(h) for h in HISTORIES])) if exclude else None
+    runs = {}
+    for syncs in (Syncs(1, True), Syncs(4, False), Syncs(10**6, False)):
+        with host_syncs() as seen:
+            runs[syncs] = beam_search(model, prompts, dtrie, k, renormalize=renormalize, excluded=excluded, syncs=syncs)
+        if not syncs.shrink:
+            assert seen.calls == ["__bool__"] * len(seen.calls) and len(seen.calls) <= dtrie.max_depth // syncs.check_every
+    assert Syncs.default(torch.device("cpu")) == Syncs(1, True)
+    for leaves, scores in list(runs.values())[1:]:
+        assert torch.equal(leaves, runs[Syncs(1, True)][0])
+        torch.testing.assert_close(scores, runs[Syncs(1, True)][1], rtol=0, atol=1e-5)
+    assert (runs[Syncs(1, True)][0] >= 0).all()
+
+
+def test_device_trie_branching_bounds_every_node_of_its_depth(catalog):
+    trie = catalog[0]
+    dtrie = DeviceTrie(trie, "cpu")
+    depth, count = trie.depths(), np.diff(trie.child_ptr)
+    assert len(dtrie.branching) == dtrie.max_depth == depth.max()
+    for d in range(dtrie.max_depth):
+        assert dtrie.branching[d] == count[depth == d].max()
+    assert dtrie.branching[0] == count[0] > 1
+
+
+def test_grouped_query_attention_equals_exhaustive_reference(tiny_llama, catalog):
+    """4 query heads sharing 2 key/value heads (Llama-3, Qwen2.5): the prefill expands K/V to every
+    head, the decode steps score each group's heads as extra query rows; the lists stay exact."""
+    trie, targets, prompts, _ = catalog
+    gqa = tiny_llama(seed=1, initializer_range=0.15, num_attention_heads=4, num_key_value_heads=2)
+    items, scores = search(gqa, catalog, len(TITLES))
+    for row, ref in enumerate(reference(title_log_probs(gqa, prompts, trie, targets), targets)):
+        assert items[row].tolist() == [i for _, i in ref]
+        np.testing.assert_allclose(scores[row], [s for s, _ in ref], atol=1e-4, rtol=0)

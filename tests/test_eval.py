@@ -205,3 +205,12 @@ def test_recommend_by_titles_and_by_user(artifacts, monkeypatch):
     assert f"    {TITLES[latest['item_id'] - 1]}\ntop 2" in user
     with pytest.raises(TcaError, match="matches 3 titles"):
         recommend(Fake(), ["alien"], None, 3)
+
+
+def test_eval_batch_size_auto_is_wider_on_a_gpu_and_an_explicit_size_wins():
+    assert EvalConfig().batch_size == "auto" == EvalConfig.from_params({"batch_size": "auto"}).batch_size
+    assert EvalConfig().batch_on("cpu") == 16 and EvalConfig().batch_on(torch.device("cuda", 0)) == 64
+    assert EvalConfig(batch_size=5).batch_on("cuda") == 5
+    for bad in (0, "big", 2.5):
+        with pytest.raises(TcaError, match="eval.batch_size"):
+            EvalConfig.from_params({"batch_size": bad})

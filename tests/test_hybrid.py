@@ -254,8 +254,8 @@ def test_curriculum_share_of_hybrid_samples(world, tokenizer, tiny_model_dir, tm
         assert abs(float((shown > 0).double().mean()) - ratio) < 0.05, (progress, ratio)
 
     seen = []
-    real_call = Batcher.__call__
-    monkeypatch.setattr(Batcher, "__call__", lambda self, rows, progress=1.0: seen.append(progress) or real_call(self, rows, progress))
+    real_fill = Batcher.fill
+    monkeypatch.setattr(Batcher, "fill", lambda self, inputs, rows, progress=1.0: seen.append(progress) or real_fill(self, inputs, rows, progress))
     cfg = replace(BASE, backbone="llara", epochs=2, micro_batch=4, grad_accum=2)  # 24 samples: 3 steps of 2 micro-batches per epoch
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, lora=LORA, cf_dim=hybrid.cf_dim)

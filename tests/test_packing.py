@@ -178,8 +178,9 @@ def test_tokens_outside_a_window_do_not_reach_its_target(world, tiny_llama, tmp_
                     assert (after[k] - before[k]).abs().max() > 1e-3
 
 
-def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
-    """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is exact."""
+def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path, host_syncs):
+    """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is
+    exact; a micro-batch's forward and backward make no host sync."""
     tiny_llama(seed=0, initializer_range=0.3).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     samples = user_samples(5, seed=8)
@@ -199,6 +200,12 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
 
     t = make(tmp_path / "a")
     assert t.n_units == len(pack_samples(samples, 4).n_items) < samples.height
+    rows = t.order(0)[: t.step_size]
+    inputs, labels = t.prepare(t.micro_batches(rows)[0])
+    with host_syncs() as syncs:
+        t.micro_step(inputs, labels, int(t.target_len[rows].sum()))
+    assert syncs.calls == [] and inputs.window_mask is not None
+    t.optimizer.zero_grad()
     t.run()
     log = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     losses = [r["loss"] for r in log]
@@ -208,11 +215,11 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path):
     interrupted = make(tmp_path / "b")
     original, taken = interrupted.train_step, []
 
-    def stop_after_three(rows):
+    def stop_after_three(rows, batches):
         if len(taken) == 3:
             raise KeyboardInterrupt
         taken.append(rows)
-        return original(rows)
+        return original(rows, batches)
 
     interrupted.train_step = stop_after_three
     with pytest.raises(KeyboardInterrupt):
@@ -318,3 +325,18 @@ def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name in results[0][1]:
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_device_copies_reach_the_key_blocks(world):
+    """The trainer moves (and on CUDA pins) a micro-batch with `on_tensors`: the chunked mask and key
+    index of packed rows must travel with the rest."""
+    from tca.train import on_tensors
+
+    cfg = LossConfig("ntp")
+    batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])
+    samples = user_samples(2, seed=13)
+    inputs, _ = batcher.packed(samples, pack_samples(samples, 5))
+    seen = []
+    on_tensors(inputs, lambda t: seen.append(t) or t)
+    assert any(t is inputs.key_blocks.index for t in seen) and any(t is inputs.key_blocks.mask for t in seen)
+    assert any(t is inputs.position_ids for t in seen)

@@ -83,9 +83,10 @@ def read_log(work_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
 
 
-def dense_reference_losses(world, model_dir, cfg, steps):
+def dense_reference_losses(world, model_dir, cfg, steps, order):
     """The same optimization written plainly: full-sequence logits from the HF forward, a dense soft
-    label (1 - alpha) one-hot + alpha q over the whole vocabulary, -log <y~, P> per target token."""
+    label (1 - alpha) one-hot + alpha q over the whole vocabulary, -log <y~, P> per target token;
+    the samples of the steps in `order`."""
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, lora=LORA).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +95,6 @@ def dense_reference_losses(world, model_dir, cfg, steps):
     total = cfg.epochs * -(-world["samples"].height // per_step)
     warmup = int(np.ceil(cfg.warmup_ratio * total))
     losses = []
-    order = np.random.default_rng([cfg.seed, 0]).permutation(world["samples"].height)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (step / warmup if step < warmup else (total - step) / (total - warmup))
@@ -126,7 +126,7 @@ def test_steps_match_dense_reference(world, tiny_model_dir, tmp_path):
     t = trainer(world, tiny_model_dir, cfg, tmp_path / "work")
     t.run()
     ours = [r["loss"] for r in read_log(tmp_path / "work")]
-    ref, ref_weights = dense_reference_losses(world, tiny_model_dir, cfg, steps=len(ours))
+    ref, ref_weights = dense_reference_losses(world, tiny_model_dir, cfg, len(ours), t.order(0))
     assert len(ours) == 3
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
     for name, w in lora_weights(t.model).items():
@@ -197,10 +197,10 @@ def test_resume_continues_exactly(world, tiny_model_dir, tmp_path, monkeypatch):
     interrupted = trainer(world, tiny_model_dir, cfg, tmp_path / "resumed", lora)
     real_step = Trainer.train_step
 
-    def crash_at_step_8(self, rows):
+    def crash_at_step_8(self, *args):
         if self.state["step"] == 7:
             raise KeyboardInterrupt
-        return real_step(self, rows)
+        return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
@@ -517,3 +517,64 @@ def test_a_crash_while_writing_state_pt_keeps_the_previous_checkpoint(world, tin
     resumed = trainer(world, tiny_model_dir, cfg, tmp_path / "work")
     resumed.resume()
     assert resumed.state["step"] == t.total_steps
+
+
+def padded_tokens(trainer, order) -> int:
+    """Tokens the micro-batches of an epoch in this order hold, each padded to its longest sequence (`trainer.unit_len`)."""
+    return sum(len(units) * int(trainer.unit_len[units].max()) for step in range(trainer.steps_per_epoch)
+               for units in trainer.micro_batches(order[step * trainer.step_size : (step + 1) * trainer.step_size]))
+
+
+def test_bucketing_keeps_each_epoch_s_samples_and_pads_less(world, tiny_model_dir, tmp_path):
+    """Bucketed or not, an epoch takes every sample once, in an order that is a function of (seed, epoch);
+    bucketed micro-batches hold prompts of similar length. The lengths it sorts by are the encoded ones."""
+    samples = pl.concat([make_samples(150, 7, start_id=1000), world["samples"]])
+    cfg = replace(BASE, micro_batch=4, grad_accum=2)
+    on, off, again = (trainer(world, tiny_model_dir, replace(cfg, bucketing=b), tmp_path / str(b), samples=samples) for b in (True, False, True))
+    rows = samples[:50]
+    lengths = encode(world["builder"], world["targets"], rows["history"], rows["item_id"].to_numpy(), cfg.max_len, world["pad"]).attention_mask.sum(1)
+    assert on.unit_len[:50].tolist() == lengths.tolist() and off.unit_len is None
+    for epoch in (0, 1):
+        order = on.order(epoch)
+        assert sorted(order.tolist()) == list(range(samples.height)) == sorted(off.order(epoch).tolist())
+        assert np.array_equal(order, again.order(epoch)) and not np.array_equal(order, again.order(1 - epoch))
+        assert padded_tokens(on, order) < 0.9 * padded_tokens(on, off.order(epoch)), epoch
+    mb = [on.unit_len[units] for units in on.micro_batches(on.order(0)[: on.step_size])]
+    assert max(int(m.max() - m.min()) for m in mb) <= 2  # 170 samples of ~10 lengths: micro-batches of one length or two
+
+
+@pytest.mark.parametrize("loss, msl", [("tca", False), ("ntp", True)])
+def test_a_training_micro_batch_never_reads_back_from_the_device(world, tiny_model_dir, tmp_path, host_syncs, loss, msl):
+    """Forward, backward and loss accumulation of a prepared micro-batch make no host sync (on CUDA the
+    host then runs ahead and prepares the next one); the loss is read once per log line. Packed rows:
+    tests/test_packing.py."""
+    t = trainer(world, tiny_model_dir, replace(BASE, loss=loss, msl=msl, alpha=0.5), tmp_path / "w")
+    rows = t.order(0)[: t.step_size]
+    units = t.micro_batches(rows)[0]
+    inputs, labels = t.prepare(units)
+    total = torch.zeros(())
+    with host_syncs() as syncs:
+        total += t.micro_step(inputs, labels, int(t.target_len[rows].sum()))
+    assert syncs.calls == []
+    assert float(total) > 0 and all(p.grad is not None for p in t.params)
+
+
+def test_prefetch_returns_results_in_order_raises_errors_and_stops_early():
+    from tca.prefetch import Prefetch
+
+    with Prefetch(lambda x: x * x, range(50), depth=2) as squares:
+        assert list(squares) == [x * x for x in range(50)] and list(squares) == []
+
+    def fail_at_3(x):
+        if x == 3:
+            raise ValueError("bad batch 3")
+        return x
+
+    with Prefetch(fail_at_3, range(10)) as items:
+        assert [next(items) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="bad batch 3"):
+            next(items)
+    endless = Prefetch(lambda x: x, iter(int, 1))  # never ends: leaving must still stop the thread
+    assert next(endless) == 0
+    endless.close()
+    assert not endless._thread.is_alive()

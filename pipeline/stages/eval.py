@@ -117,7 +117,7 @@ def evaluate_sid(ctx: StageContext, samples, cfg, cf, split: str, shard: str):
     seconds = time.perf_counter() - start
     result = score_lists(ranked, scores, samples, cf, popularity_counts(ctx.input("data")), cfg.exclude_history)
     result.metrics["decode"] = {"seconds": round(seconds, 2), "samples_per_s": round(samples.height / seconds, 3),
-                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_size, "device": ctx.device}
+                                "num_beams": cfg.num_beams, "batch_size": cfg.batch_on(ctx.device), "device": ctx.device}
     return result
 
 

@@ -166,10 +166,12 @@ def sid_beam_search(model, ids: torch.Tensor, mask: torch.Tensor, trie: DeviceTr
                     decoder_input_ids=prefix)
         return out.logits[:, -1].float()
 
-    def advance(src, sample, slot, t, tokens):
-        nonlocal prefix
+    def advance(src, keep, t, tokens):
+        nonlocal prefix, encoded, mask
+        if keep is not None:
+            encoded, mask = encoded[keep], mask[keep]
         prefix = torch.cat([prefix[src], tokens[:, None]], 1)
-        return logits_of(prefix, sample)
+        return logits_of(prefix, torch.arange(len(encoded), device=ids.device).repeat_interleave(len(src) // len(encoded)))  # row b * W + k: sample b
 
     return search(trie, logits_of(prefix, torch.arange(len(ids), device=ids.device)), num_beams, length_penalty, renormalize, advance,
                   excluded=None if excluded is None else excluded.to(ids.device))
@@ -183,8 +185,8 @@ def recommend_sids(model, items: SidItems, trie: Trie, histories: pl.Series, cfg
     out_items = np.zeros((len(histories), cfg.num_beams), dtype=np.int64)
     out_scores = np.full((len(histories), cfg.num_beams), -np.inf, dtype=np.float32)
     model.eval()
-    for start in range(0, len(histories), cfg.batch_size):
-        batch = histories.slice(start, cfg.batch_size)
+    for start in range(0, len(histories), cfg.batch_on(device)):
+        batch = histories.slice(start, cfg.batch_on(device))
         ids, mask = items.histories(batch, max_history)
         hist, hist_len = batch.explode().drop_nulls().to_numpy(), batch.list.len().to_numpy()
         excluded = excluded_rows(trie, hist, hist_len) if cfg.exclude_history else None
