@@ -14,7 +14,7 @@ from pipeline.stages import cf as cf_stage
 from tca.cf.base import CFConfig, CFModel, pad_histories
 from tca.cf.loss import next_item_loss, sample_negatives
 from tca.cf.registry import MODELS, build, load_checkpoint, resolve, save_checkpoint
-from tca.cf.train import Samples, evaluate, evaluate_popularity, train_cf
+from tca.cf.train import Samples, evaluate, evaluate_popularity, lr_factor, train_cf, train_epoch
 from tca.errors import TcaError
 
 N_ITEMS, HIST = 40, 6
@@ -233,6 +233,22 @@ def test_config_errors():
     with pytest.raises(TcaError, match="cf.loss"):
         CFConfig.from_params({"loss": "hinge"})
     assert CFConfig.from_params({"loss": "bpr"}).loss == "bpr"
+    with pytest.raises(TcaError, match="cf.lr_schedule: 'step' is not a schedule"):
+        CFConfig.from_params({"lr_schedule": "step"})
+
+
+def test_cosine_schedule_decays_to_zero_and_is_applied_every_step(frames):
+    assert [lr_factor("cosine", p) for p in (0.0, 0.5, 1.0, 1.5)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert lr_factor("constant", 0.7) == 1.0
+    train = Samples.from_frame(frames["train"], HIST)
+    model = build(tiny(), N_ITEMS)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    train_epoch(model, opt, train, 32, torch.Generator().manual_seed(0), lambda f: seen.append(f) or 0.0)
+    n = len(train.windows(torch.Generator().manual_seed(0)))
+    assert seen == [i / n for i in range(0, n, 32)]  # one call per step, the share of the epoch done
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0 was used: nothing moved
 
 
 def test_bad_input_stops_before_training(frames):

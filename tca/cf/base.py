@@ -24,6 +24,8 @@ from torch import nn
 from tca.config import check_keys
 from tca.errors import TcaError
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class CFConfig:
@@ -37,9 +39,10 @@ class CFConfig:
     dropout: float = 0.5
     max_len: int = 10  # most recent history items the model reads
     mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
-    lr: float = 1e-3
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
-    max_epochs: int = 200
+    max_epochs: int = 100
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
     seed: int = 42
     train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
@@ -54,6 +57,8 @@ class CFConfig:
         cfg = cls(**params)
         if cfg.loss not in ("ce", "bce", "bpr"):
             raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce, bce or bpr")
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise TcaError(f"cf.lr_schedule: {cfg.lr_schedule!r} is not a schedule; use {' or '.join(LR_SCHEDULES)}")
         if cfg.hidden % cfg.heads:
             raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
         if not 0 < cfg.mask_prob <= 1:
