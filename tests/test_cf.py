@@ -251,6 +251,19 @@ def test_cosine_schedule_decays_to_zero_and_is_applied_every_step(frames):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0 was used: nothing moved
 
 
+def test_bert4rec_mask_target_trains_the_inference_task(frames):
+    """mask_target 1: every sequence masks its target slot alone, so the loss is the full-softmax
+    CE of the user representation used at inference."""
+    batch = Samples.from_frame(frames["train"], HIST).batch(slice(0, 64))
+    model = build(tiny(model="bert4rec", mask_target=1.0), N_ITEMS)
+    with torch.no_grad():
+        scores = model.encode_users(batch["history"]) @ model.item_embeddings()[1:].T
+        expected = torch.nn.functional.cross_entropy(scores, batch["target"] - 1)
+        assert model.calculate_loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(TcaError, match="cf.mask_target"):
+        CFConfig.from_params({"mask_target": 1.5})
+
+
 def test_bad_input_stops_before_training(frames):
     train = Samples.from_frame(frames["train"], HIST)
     valid = Samples.from_frame(frames["valid"], HIST)

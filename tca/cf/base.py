@@ -39,11 +39,12 @@ class CFConfig:
     dropout: float = 0.5
     max_len: int = 10  # most recent history items the model reads
     mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
+    mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
     max_epochs: int = 100
-    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    patience: int = 100  # epochs without a better valid NDCG@10 before stopping (>= max_epochs: never)
     seed: int = 42
     train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
     layers: int = 3  # graph models: propagation layers over the train user-item graph
@@ -63,6 +64,8 @@ class CFConfig:
             raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
         if not 0 < cfg.mask_prob <= 1:
             raise TcaError(f"cf.mask_prob: {cfg.mask_prob} must be in (0, 1]")
+        if not 0 <= cfg.mask_target <= 1:
+            raise TcaError(f"cf.mask_target: {cfg.mask_target} must be in [0, 1]")
         if not 0 < cfg.train_fraction <= 1:
             raise TcaError(f"cf.train_fraction: {cfg.train_fraction} must be in (0, 1] (1 = the whole train split)")
         if cfg.layers < 0 or cfg.tau <= 0 or cfg.align_tau <= 0 or cfg.align_weight < 0:

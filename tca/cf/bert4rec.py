@@ -2,6 +2,8 @@
 
 The sequence is the history plus one more slot: the target in training (masked at random with
 the other items), a [MASK] token at inference, whose output state is the user representation.
+A share `cf.mask_target` of the training sequences masks the target slot alone: the inference
+task, which random masking of 20% of the items poses only for a fifth of the targets.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ class BERT4Rec(CFModel):
     def calculate_loss(self, batch: dict) -> torch.Tensor:
         seq = self.with_slot(batch["history"], batch["target"])
         masked = (torch.rand(seq.shape, device=seq.device) < self.cfg.mask_prob) & (seq > 0)
-        masked[:, -1] |= ~masked.any(dim=1)  # at least one masked item per sequence: the target
+        target_only = torch.rand(len(seq), device=seq.device) < self.cfg.mask_target
+        masked &= ~target_only[:, None]
+        masked[:, -1] |= target_only | ~masked.any(dim=1)  # at least one masked item per sequence: the target
         states = self.states(torch.where(masked, self.mask_id, seq))
         return next_item_loss(states[masked], seq[masked], self.item_embeddings(), self.cfg.loss)

@@ -1,4 +1,11 @@
-"""SASRec (Kang & McAuley, 2018): causal self-attention; the user is the state at the latest item."""
+"""SASRec (Kang & McAuley, 2018): causal self-attention; the user is the state at the latest item.
+
+Item vectors enter the encoder scaled by sqrt(d), as in SASRec's original code: at the N(0, 0.02)
+init an unscaled item vector is small beside what every pre-LN block adds to the residual stream,
+and training sat on a plateau for 60-80 epochs before a seed-dependent jump (MovieLens-100k, seed
+42, cosine 2e-3: valid NDCG@10 0.067 by epoch 23 scaled, 0.063 at epoch 60 unscaled). BERT4Rec
+measured the same either way, so only SASRec scales.
+"""
 from __future__ import annotations
 
 import torch
@@ -14,10 +21,11 @@ class SASRec(CFModel):
         super().__init__(n_items, cfg)
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         init_embedding(self.item_emb)
+        self.scale = cfg.hidden**0.5
         self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len, causal=True)
 
     def states(self, history: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        return self.encoder(self.item_emb(history), history > 0, last_only)
+        return self.encoder(self.item_emb(history) * self.scale, history > 0, last_only)
 
     def encode_users(self, history: torch.Tensor) -> torch.Tensor:
         return self.states(history[:, -self.cfg.max_len :], last_only=True)[:, -1]
