@@ -264,6 +264,38 @@ def test_bert4rec_mask_target_trains_the_inference_task(frames):
         CFConfig.from_params({"mask_target": 1.5})
 
 
+def test_last_objective_is_the_per_sample_ce_of_the_user_state(frames):
+    """cf.objective last: the loss is the mean, over the batch, of each sample's full-softmax CE of
+    its target given its whole history, as scored at inference (one sample at a time here)."""
+    batch = Samples.from_frame(frames["train"], HIST).batch(slice(0, 48))
+    torch.manual_seed(0)
+    model = build(tiny(objective="last"), N_ITEMS).train()  # tiny: dropout 0, so train mode is deterministic
+    with torch.no_grad():
+        per_sample = [torch.log_softmax(model.score(batch["history"][i : i + 1])[0, 1:], 0)[batch["target"][i] - 1]
+                      for i in range(len(batch["target"]))]
+        assert model.calculate_loss(batch).item() == pytest.approx(-torch.stack(per_sample).mean().item(), rel=1e-5)
+    with pytest.raises(TcaError, match="cf.objective: 'first' is not an objective"):
+        CFConfig.from_params({"objective": "first"})
+    with pytest.raises(TcaError, match="cf.objective: bert4rec implements all, not 'last'"):
+        build(tiny(model="bert4rec", objective="last"), N_ITEMS)
+
+
+def test_last_objective_epoch_trains_on_every_train_sample_once(frames):
+    """An epoch of cf.objective last is every train sample once, and nothing else: no valid or
+    test sample (a later interaction of its user) reaches the loss. The lambda records batches."""
+    train = Samples.from_frame(frames["train"], HIST)
+    model = build(tiny(objective="last"), N_ITEMS)
+    seen = []
+    model.calculate_loss = lambda b: seen.append(b) or model.encode_users(b["history"]).sum()
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), train, 32, torch.Generator().manual_seed(0))
+    rows = {key: torch.cat([b[key] for b in seen]) for key in ("history", "target", "user")}
+
+    def keyed(history, target, user):
+        return sorted(zip(user.tolist(), map(tuple, history.tolist()), target.tolist()))
+
+    assert keyed(**rows) == keyed(train.history, train.target, train.user)
+
+
 def test_bad_input_stops_before_training(frames):
     train = Samples.from_frame(frames["train"], HIST)
     valid = Samples.from_frame(frames["valid"], HIST)

@@ -25,6 +25,7 @@ from tca.config import check_keys
 from tca.errors import TcaError
 
 LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("all", "last")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CFConfig:
     max_len: int = 10  # most recent history items the model reads
     mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
     mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
+    objective: str = "all"  # all: every position of a window per 10th sample | last: every sample, its target only
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
@@ -60,6 +62,8 @@ class CFConfig:
             raise TcaError(f"cf.loss: {cfg.loss!r} is not a loss; use ce, bce or bpr")
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise TcaError(f"cf.lr_schedule: {cfg.lr_schedule!r} is not a schedule; use {' or '.join(LR_SCHEDULES)}")
+        if cfg.objective not in OBJECTIVES:
+            raise TcaError(f"cf.objective: {cfg.objective!r} is not an objective; use {' or '.join(OBJECTIVES)}")
         if cfg.hidden % cfg.heads:
             raise TcaError(f"cf.hidden ({cfg.hidden}) must be a multiple of cf.heads ({cfg.heads})")
         if not 0 < cfg.mask_prob <= 1:
@@ -103,6 +107,7 @@ class CFModel(nn.Module, ABC):
     """
 
     needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/side_inputs.py)
+    objectives: tuple[str, ...] = ("all",)  # cf.objective values its calculate_loss implements
     uses_users: bool = False  # learns a vector per user: callers pass user ids when they have them
 
     def __init__(self, n_items: int, cfg: CFConfig):

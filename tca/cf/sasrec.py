@@ -17,6 +17,8 @@ from tca.cf.transformer import Encoder, init_embedding
 
 
 class SASRec(CFModel):
+    objectives = ("all", "last")
+
     def __init__(self, n_items: int, cfg: CFConfig):
         super().__init__(n_items, cfg)
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
@@ -34,8 +36,11 @@ class SASRec(CFModel):
         return self.item_emb.weight
 
     def calculate_loss(self, batch: dict) -> torch.Tensor:
-        """Every position predicts its next item: inputs = history, labels = history[1:] + target."""
+        """cf.objective all: every position predicts its next item (inputs = history, labels =
+        history[1:] + target); last: the latest position predicts the target, from the whole history."""
         history = batch["history"][:, -self.cfg.max_len :]
+        if self.cfg.objective == "last":
+            return next_item_loss(self.encode_users(history), batch["target"], self.item_emb.weight, self.cfg.loss)
         labels = torch.cat([history[:, 1:], batch["target"][:, None]], dim=1)
         at = (history > 0) & (labels > 0)
         return next_item_loss(self.states(history)[at], labels[at], self.item_emb.weight, self.cfg.loss)

@@ -50,7 +50,7 @@ class Samples:
         user = torch.from_numpy(df["user_id"].to_numpy().astype("int64")) if "user_id" in df.columns else None
         return cls(pad_histories(df["history"], max_len), target, from_end, user)
 
-    def windows(self, generator: torch.Generator) -> torch.Tensor:
+    def windows(self, generator: torch.Generator, every: bool = False) -> torch.Tensor:
         """Indices of one epoch's training samples: each user's sequence cut into windows.
 
         A sample (history + target) is a window of the user's chronological sequence; every
@@ -58,9 +58,9 @@ class Samples:
         a label once per epoch, at every position (SASRec). The tiling's phase is random per
         epoch, so an item is seen after contexts of every length; each user's latest sample is
         always added, so the phase never drops the most recent interactions (they may then
-        count twice). Without user ids every sample is a window.
+        count twice). Without user ids, or with `every`, every sample is a window.
         """
-        if self.from_end is None:
+        if self.from_end is None or every:
             return torch.arange(len(self))
         width = max(int((self.history > 0).sum(dim=1).max()), 1)
         phase = torch.randint(width, (), generator=generator)
@@ -125,7 +125,7 @@ def train_epoch(model: CFModel, opt: torch.optim.Optimizer, train: Samples, batc
     """One pass over this epoch's windows in shuffled mini-batches; returns the mean loss.
     `lr(f)`, when given, sets the learning rate before each step from f, the share of the epoch done."""
     model.train()
-    windows = train.windows(gen).cpu()
+    windows = train.windows(gen, every=model.cfg.objective == "last").cpu()
     order = windows[torch.randperm(len(windows), generator=gen)].to(train.target.device)
     total = torch.zeros((), device=train.target.device)
     for i in range(0, len(order), batch_size):
