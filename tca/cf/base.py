@@ -39,14 +39,15 @@ class CFConfig:
     heads: int = 1
     dropout: float = 0.5
     max_len: int = 10  # most recent history items the model reads
+    inner: int = 0  # transformers' feed-forward width; 0: the model's own (SASRec hidden, BERT4Rec 4 x hidden)
     mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
     mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
-    objective: str = "all"  # all: every position of a window per 10th sample | last: every sample, its target only
+    objective: str = "last"  # SASRec. last: every train sample, its target only | all: every position of every 10th window
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
-    max_epochs: int = 100
-    patience: int = 100  # epochs without a better valid NDCG@10 before stopping (>= max_epochs: never)
+    max_epochs: int = 30
+    patience: int = 30  # epochs without a better valid NDCG@10 before stopping (>= max_epochs: never)
     seed: int = 42
     train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
     layers: int = 3  # graph models: propagation layers over the train user-item graph
@@ -74,6 +75,8 @@ class CFConfig:
             raise TcaError(f"cf.train_fraction: {cfg.train_fraction} must be in (0, 1] (1 = the whole train split)")
         if cfg.layers < 0 or cfg.tau <= 0 or cfg.align_tau <= 0 or cfg.align_weight < 0:
             raise TcaError("cf.layers must be >= 0, cf.tau and cf.align_tau > 0, cf.align_weight >= 0")
+        if cfg.inner < 0:
+            raise TcaError(f"cf.inner: {cfg.inner} must be >= 0 (0: the model's own width)")
         for key in ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "patience"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"cf.{key}: {getattr(cfg, key)} must be >= 1")
@@ -107,7 +110,7 @@ class CFModel(nn.Module, ABC):
     """
 
     needs: tuple[str, ...] = ()  # side inputs `prepare` wants, by name (see pipeline/side_inputs.py)
-    objectives: tuple[str, ...] = ("all",)  # cf.objective values its calculate_loss implements
+    every_sample: bool = False  # an epoch is every train sample, not one window per history length (Samples.windows)
     uses_users: bool = False  # learns a vector per user: callers pass user ids when they have them
 
     def __init__(self, n_items: int, cfg: CFConfig):

@@ -21,7 +21,7 @@ class BERT4Rec(CFModel):
         self.mask_id = n_items + 1
         self.item_emb = nn.Embedding(n_items + 2, cfg.hidden, padding_idx=0)
         init_embedding(self.item_emb)
-        self.encoder = Encoder(cfg.hidden, 4 * cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len + 1, causal=False)
+        self.encoder = Encoder(cfg.hidden, cfg.inner or 4 * cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len + 1, causal=False)
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.LayerNorm(cfg.hidden))
 
     def states(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -17,14 +17,13 @@ from tca.cf.transformer import Encoder, init_embedding
 
 
 class SASRec(CFModel):
-    objectives = ("all", "last")
-
     def __init__(self, n_items: int, cfg: CFConfig):
         super().__init__(n_items, cfg)
+        self.every_sample = cfg.objective == "last"
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         init_embedding(self.item_emb)
         self.scale = cfg.hidden**0.5
-        self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len, causal=True)
+        self.encoder = Encoder(cfg.hidden, cfg.inner or cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len, causal=True)
 
     def states(self, history: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         return self.encoder(self.item_emb(history) * self.scale, history > 0, last_only)

@@ -125,7 +125,7 @@ def train_epoch(model: CFModel, opt: torch.optim.Optimizer, train: Samples, batc
     """One pass over this epoch's windows in shuffled mini-batches; returns the mean loss.
     `lr(f)`, when given, sets the learning rate before each step from f, the share of the epoch done."""
     model.train()
-    windows = train.windows(gen, every=model.cfg.objective == "last").cpu()
+    windows = train.windows(gen, every=model.every_sample).cpu()
     order = windows[torch.randperm(len(windows), generator=gen)].to(train.target.device)
     total = torch.zeros((), device=train.target.device)
     for i in range(0, len(order), batch_size):
