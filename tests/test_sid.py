@@ -273,6 +273,74 @@ def test_t5_learns_a_pattern_over_sids(sid_dist, loss):
     assert (ranked == samples["item_id"].to_numpy()[:, None]).any(1).mean() > 0.8  # hr@5
 
 
+class ScriptedValidation:
+    """Stands in for SidValidation: returns scripted metrics and keeps the weights it was shown."""
+
+    metric = "ndcg@10"
+
+    def __init__(self, values: list[float]):
+        self.values, self.seen = values, []
+
+    def __call__(self, model, max_history: int) -> dict:
+        assert not model.training  # validation decodes without dropout
+        self.seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"ndcg@10": self.values[len(self.seen) - 1]}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_keeps_the_best_validated_epoch_and_stops_after_patience(sid_dist):
+    """Valid ndcg 0.1, 0.3, 0.2, 0.25, 0.1 with patience 3: stop after epoch 5, end with epoch 2's weights."""
+    dist, samples = sid_dist
+    items, trie, _ = sid_catalog()
+    batcher = SidBatcher(items, trie, dist, LossConfig("ntp"), TINY_T5.max_history)
+    model = build_model(TINY_T5, vocab_size(items.table.numpy()))
+    valid = ScriptedValidation([0.1, 0.3, 0.2, 0.25, 0.1, 0.9])
+    log = train_seq2seq(model, batcher, samples, replace(TINY_T5, epochs=6, patience=3), log=lambda _: None, valid=valid)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5] and len(valid.seen) == 5
+    assert [r.get("best", False) for r in log] == [True, True, False, False, False]
+    assert [r["valid"]["ndcg@10"] for r in log] == [0.1, 0.3, 0.2, 0.25, 0.1]
+    assert not same_weights(valid.seen[1], valid.seen[4])  # training moved on after the best epoch
+    assert same_weights(model.state_dict(), valid.seen[1]) and not model.training
+
+
+def test_validation_every_n_epochs_and_after_the_last(sid_dist):
+    """valid_every 2 over 5 epochs validates after epochs 2, 4 and 5; valid_every 0 never, the last weights stay."""
+    dist, samples = sid_dist
+    items, trie, _ = sid_catalog()
+    batcher = SidBatcher(items, trie, dist, LossConfig("ntp"), TINY_T5.max_history)
+    valid = ScriptedValidation([0.5, 0.1, 0.2])
+    log = train_seq2seq(build_model(TINY_T5, vocab_size(items.table.numpy())), batcher, samples,
+                        replace(TINY_T5, epochs=5, valid_every=2), log=lambda _: None, valid=valid)
+    assert [r["epoch"] for r in log if "valid" in r] == [2, 4, 5]
+    never = ScriptedValidation([])
+    model = build_model(TINY_T5, vocab_size(items.table.numpy()))
+    log = train_seq2seq(model, batcher, samples, replace(TINY_T5, epochs=2, valid_every=0), log=lambda _: None, valid=never)
+    assert not never.seen and all("valid" not in r for r in log)
+    with pytest.raises(TcaError, match="seq2seq.valid_every"):
+        Seq2SeqConfig.from_params({"valid_every": -1})
+    with pytest.raises(TcaError, match="seq2seq.patience"):
+        Seq2SeqConfig.from_params({"patience": 0})
+
+
+def test_sid_validation_scores_the_eval_lists(sid_dist):
+    """SidValidation's metrics are score_lists' of recommend_sids' lists (history excluded as configured)."""
+    from tca.evaluate import score_lists
+    from tca.sid.seq2seq import SidValidation
+
+    _, samples = sid_dist
+    items, trie, _ = sid_catalog()
+    model = build_model(TINY_T5, vocab_size(items.table.numpy())).eval()
+    cfg = EvalConfig(num_beams=10, batch_size=16, exclude_history=True)
+    got = SidValidation(samples, items, trie, cfg)(model, TINY_T5.max_history)
+    ranked, scores = recommend_sids(model, items, trie, samples["history"], cfg, TINY_T5.max_history)
+    assert got == score_lists(ranked, scores, samples).metrics["llm"]
+    hist = samples["history"].to_list()
+    assert not any(set(r) & set(h) for r, h in zip(ranked.tolist(), hist))
+
+
 # ----- the stages: sid -> trie -> cf_dist -> train -> eval for tiger and letter -----
 
 
@@ -292,6 +360,7 @@ def sid_artifacts(tmp_path_factory):
     for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
         cyclic_samples(64, seed).with_columns(user_id=pl.lit(1, pl.Int32)).write_parquet(root / "subset" / f"{split}.parquet")
     shutil.copy(root / "subset" / "train.parquet", root / "data" / "train.parquet")  # popularity's counts
+    shutil.copy(root / "subset" / "valid.parquet", root / "data" / "valid.parquet")  # tiger / letter's validation
     return root
 
 
@@ -329,7 +398,17 @@ def test_sid_backbones_run_through_the_stages(sid_artifacts, tmp_path, backbone)
     predictions = pl.read_parquet(root / "eval" / "predictions.parquet")
     assert all(len(row) == 5 and set(row) <= set(range(1, N_ITEMS + 1)) for row in predictions["items"].to_list())
 
+    from pipeline.stages.eval import load_sid_recommender
+    from tca.sid.seq2seq import SidValidation
+
+    records = [json.loads(line) for line in (root / "train" / "log.jsonl").read_text().splitlines()]
+    assert all("valid" in r for r in records) and records[0]["best"]
+    model, items, trie, record = load_sid_recommender(root, "cpu")  # the saved T5 is the kept epoch's
+    decode = EvalConfig(num_beams=params["train"]["valid_beams"], batch_size=params["eval"]["batch_size"])
+    valid = SidValidation(pl.read_parquet(root / "data" / "valid.parquet"), items, trie, decode)
+    assert valid(model, record["max_history"]) == [r for r in records if r.get("best")][-1]["valid"]
     assert f"{backbone}: T5 from scratch" in train.inspect(root / "train", params)
+    assert "valid ndcg@10" in train.inspect(root / "train", params)
     assert "collision rate" in sid.inspect(root / "sid", params) and f"over {backbone} SIDs" in trie_stage.inspect(root / "trie", params)
     assert "Movie" in eval_stage.inspect(root / "eval", params)
     assert "children)" in cf_dist.inspect(root / "cf_dist", params)

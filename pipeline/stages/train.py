@@ -154,12 +154,18 @@ def run(ctx: StageContext) -> None:
 
 def train_sid(ctx: StageContext, cfg) -> None:
     """tiger / letter: a T5 from scratch over the SIDs of the trie stage (seq2seq section), with
-    train.loss and tca.alpha as for the LLMs; adapter/ holds the whole model and sid.json."""
+    train.loss and tca.alpha as for the LLMs; adapter/ holds the whole model and sid.json. Validation
+    decodes `seq2seq.valid_samples` of the data stage's valid split (the subset's valid samples, 128 by
+    default, are too few to pick an epoch by) as the eval stage would, picking by `train.valid_metric`."""
+    import numpy as np
     import polars as pl
 
+    from pipeline.stages.data import resolve_exclude_history
     from tca.collab_store import DistReader
+    from tca.data.subset import draw
+    from tca.evaluate import EvalConfig
     from tca.sid.rqvae import vocab_size
-    from tca.sid.seq2seq import Seq2SeqConfig, SidBatcher, SidItems, build_model, train_seq2seq
+    from tca.sid.seq2seq import Seq2SeqConfig, SidBatcher, SidItems, SidValidation, build_model, train_seq2seq
     from tca.trie import Trie
 
     s2s = Seq2SeqConfig.from_params(ctx.section("seq2seq"))
@@ -170,14 +176,26 @@ def train_sid(ctx: StageContext, cfg) -> None:
     loss = cfg.loss_config
     dist = DistReader(ctx.input("cf_dist") / "dist.zarr", trie) if loss.uses_q else None
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=["sample_id", "history", "item_id"])
+    valid = None
+    if s2s.valid_every:
+        split = pl.read_parquet(ctx.input("data") / "valid.parquet", columns=["sample_id", "history", "item_id"])
+        exclude = resolve_exclude_history(ctx.param("eval.exclude_history"), ctx.input("data"), "eval.exclude_history")
+        decode = EvalConfig(num_beams=cfg.valid_beams, renormalize=loss.msl, batch_size=ctx.param("eval.batch_size"),
+                            exclude_history=exclude, tau=loss.decode_tau)
+        valid = SidValidation(draw(split, s2s.valid_samples, np.random.default_rng(s2s.seed)), items, trie, decode, cfg.valid_metric)
     model = build_model(s2s, vocab_size(tokens))
     ctx.log(f"{cfg.backbone}: T5 from scratch ({sum(p.numel() for p in model.parameters()):,} parameters, SID vocabulary "
-            f"{vocab_size(tokens)}) on {samples.height:,} samples, {s2s.epochs} epochs; loss {loss}")
-    records = train_seq2seq(model, SidBatcher(items, trie, dist, loss, s2s.max_history), samples, s2s, ctx.device, ctx.log, ctx.progress)
+            f"{vocab_size(tokens)}) on {samples.height:,} samples, up to {s2s.epochs} epochs; loss {loss}"
+            + ("" if valid is None else f"; validating on {valid.samples.height:,} valid samples every {s2s.valid_every} epochs"))
+    records = train_seq2seq(model, SidBatcher(items, trie, dist, loss, s2s.max_history), samples, s2s, ctx.device, ctx.log,
+                            ctx.progress, valid)
     model.save_pretrained(ctx.out / "adapter")
     (ctx.out / "adapter" / SID_RECORD).write_text(json.dumps({"backbone": cfg.backbone, "max_history": s2s.max_history}) + "\n")
     (ctx.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    ctx.log(f"wrote adapter/ (T5), log.jsonl: loss {records[0]['loss']:.4f} (epoch 1) -> {records[-1]['loss']:.4f}")
+    best = [r for r in records if r.get("best")]
+    ctx.log(f"wrote adapter/ (T5), log.jsonl: loss {records[0]['loss']:.4f} (epoch 1) -> {records[-1]['loss']:.4f} "
+            f"(epoch {records[-1]['epoch']})" + (f"; kept epoch {best[-1]['epoch']}: valid {cfg.valid_metric} "
+                                                 f"{best[-1]['valid'][cfg.valid_metric]:.4f}" if best else ""))
 
 
 def inspect(artifact_dir: Path, params: dict) -> str:
@@ -192,10 +210,13 @@ def inspect(artifact_dir: Path, params: dict) -> str:
         record = json.loads((artifact_dir / "adapter" / SID_RECORD).read_text())
         config = json.loads((artifact_dir / "adapter" / "config.json").read_text())
         epochs = [json.loads(line) for line in (artifact_dir / "log.jsonl").read_text().splitlines()]
+        metric = params["train"]["valid_metric"]
         return "\n".join([f"train/: {record['backbone']}: T5 from scratch, d_model {config['d_model']}, {config['num_layers']} + "
                           f"{config['num_decoder_layers']} layers, SID vocabulary {config['vocab_size']}; loss {params['train']['loss']} "
                           f"(alpha {params['tca']['alpha']})",
-                          *(f"  epoch {r['epoch']:>3}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['samples_per_s']:,.0f} samples/s" for r in epochs)])
+                          *(f"  epoch {r['epoch']:>3}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['samples_per_s']:,.0f} samples/s"
+                            + ("" if "valid" not in r else f"  valid {metric} {r['valid'][metric]:.4f}" + ("  (best)" if r.get("best") else ""))
+                            for r in epochs)])
     config = json.loads((artifact_dir / "adapter" / "adapter_config.json").read_text())
     with safe_open(artifact_dir / "adapter" / "adapter_model.safetensors", framework="pt") as f:
         sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -24,7 +24,7 @@ from tca.collab_store import DistReader
 from tca.config import check_keys
 from tca.decode import DeviceTrie, excluded_rows, ranked_items, search
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig
+from tca.evaluate import EvalConfig, score_lists
 from tca.losses import Labels, LossConfig, make_labels, position_losses
 from tca.sid.rqvae import PAD
 from tca.train import linear_schedule
@@ -41,20 +41,25 @@ class Seq2SeqConfig:
     d_ff: int = 256
     dropout: float = 0.1
     max_history: int = 10  # most recent history items the encoder reads
-    epochs: int = 5
+    epochs: int = 12
     batch_size: int = 256
-    lr: float = 1e-3  # AdamW, linear warmup then decay to 0
+    lr: float = 5e-3  # AdamW, linear warmup then decay to 0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 42
+    valid_every: int = 1  # epochs between validations (and after the last); 0 = never: the last epoch's weights
+    valid_samples: int = 1000  # a seeded random set of the valid split that validation decodes
+    patience: int = 3  # validations without improvement before stopping
 
     @classmethod
     def from_params(cls, params: dict) -> "Seq2SeqConfig":
         check_keys(cls, params, "seq2seq")
         cfg = cls(**params)
-        for key in ("d_model", "layers", "heads", "d_ff", "max_history", "epochs", "batch_size"):
+        for key in ("d_model", "layers", "heads", "d_ff", "max_history", "epochs", "batch_size", "valid_samples", "patience"):
             if getattr(cfg, key) < 1:
                 raise TcaError(f"seq2seq.{key}: {getattr(cfg, key)} must be >= 1")
+        if cfg.valid_every < 0:
+            raise TcaError(f"seq2seq.valid_every: {cfg.valid_every} must be >= 0 (0 = never)")
         if cfg.d_model % cfg.heads:
             raise TcaError(f"seq2seq.d_model ({cfg.d_model}) must be a multiple of seq2seq.heads ({cfg.heads})")
         if not 0 <= cfg.dropout < 1 or not cfg.lr > 0:
@@ -117,16 +122,36 @@ def batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tenso
     return position_losses(logits, labels, cfg).sum()
 
 
+@dataclass
+class SidValidation:
+    """What validation decodes and how: valid samples (`history`, `item_id`), beam search as the eval
+    stage runs it (`eval`: beams, history exclusion), and the metric that picks the best epoch."""
+
+    samples: pl.DataFrame
+    items: SidItems
+    trie: Trie
+    eval: EvalConfig
+    metric: str = "ndcg@10"
+
+    def __call__(self, model, max_history: int) -> dict:
+        ranked, scores = recommend_sids(model, self.items, self.trie, self.samples["history"], self.eval, max_history)
+        return score_lists(ranked, scores, self.samples).metrics["llm"]
+
+
 def train_seq2seq(model, batcher: SidBatcher, samples: pl.DataFrame, cfg: Seq2SeqConfig, device: str = "cpu",
-                  log: Callable[[str], None] = print, progress=None) -> list[dict]:
-    """Train on every sample for cfg.epochs epochs; returns one record per epoch (mean loss per code)."""
+                  log: Callable[[str], None] = print, progress=None, valid: SidValidation | None = None) -> list[dict]:
+    """Train on every sample for up to cfg.epochs epochs; returns one record per epoch (mean loss per
+    code, and the valid metrics where it validated). With `valid`, validation runs every
+    `valid_every` epochs and after the last, the model ends with the best validated epoch's weights
+    (a T5 from scratch overfits a small catalogue's train split), and training stops after `patience`
+    validations without improvement."""
     model.to(device).train()
     steps_per_epoch = math.ceil(samples.height / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(math.ceil(cfg.warmup_ratio * total), total))
     bar = progress(total=total, unit="step", desc="train") if progress else None
-    records = []
+    records, best, best_state, bad = [], None, None, 0
     for epoch in range(cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(samples.height)
         loss_sum, n_codes, start = 0.0, 0, time.perf_counter()
@@ -142,11 +167,30 @@ def train_seq2seq(model, batcher: SidBatcher, samples: pl.DataFrame, cfg: Seq2Se
             loss_sum, n_codes = loss_sum + loss.item(), n_codes + target.numel()
             if bar is not None:
                 bar.update()
-        records.append({"epoch": epoch + 1, "loss": loss_sum / n_codes, "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": round(samples.height / (time.perf_counter() - start), 1)})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {records[-1]['loss']:.4f}")
+        record = {"epoch": epoch + 1, "loss": loss_sum / n_codes, "lr": scheduler.get_last_lr()[0],
+                  "samples_per_s": round(samples.height / (time.perf_counter() - start), 1)}
+        records.append(record)
+        message = f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}"
+        if valid is not None and cfg.valid_every and ((epoch + 1) % cfg.valid_every == 0 or epoch + 1 == cfg.epochs):
+            model.eval()
+            record["valid"] = valid(model, batcher.max_history)
+            model.train()
+            value = record["valid"][valid.metric]
+            if best is None or value > best:
+                best, bad = value, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                record["best"] = True
+            else:
+                bad += 1
+            message += f"; valid {valid.metric} {value:.4f}" + (" (best)" if bad == 0 else f" (best {best:.4f})")
+        log(message)
+        if bad >= cfg.patience:
+            log(f"stopping: {bad} validations without a better valid {valid.metric}")
+            break
     if bar is not None:
         bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return records
 
