@@ -7,14 +7,18 @@ dense q soft labels over the vocabulary, as the paper's code computes them), in 
     python bench/train_step.py --batch 8 --steps 10 --artifacts DIR
     python bench/train_step.py --packing            # supervised samples/s: packed rows vs one prompt per sample
 
-Variants: ours with loss tca, ntp, and MSL + tca; "full head" = our sparse loss on full-sequence
-logits (isolates the LM-head saving); the dense reference. Whole steps (forward + backward) run
-interleaved, one of each variant per round, so load from other processes hits all of them alike;
-rates use the median step time, per wall-clock second and per CPU-second of this process (on a
-shared, loaded machine the second is the steadier measure of the work). The loss path alone (from
-the decoder's hidden states through the backward into them) is timed in CPU-seconds and measured for
-peak memory above its start (CPU: VmHWM reset through /proc/self/clear_refs, with malloc returning
-big blocks to the OS; GPU: peak allocated); the tca-over-ntp overhead is its difference.
+Variants: ours with loss tca, ntp, and MSL + tca, as the train stage runs them on this device (on a
+CPU a micro-batch is one unpadded sequence, `tca.packing.unpad`); "ours padded" = ours on the
+right-padded batch; "full head" = that with our sparse loss on full-sequence logits (isolates the
+LM-head saving); the dense reference (padded, as the paper's code). Whole steps (forward + backward)
+run interleaved, one of each variant per round, so load from other processes hits all of them alike;
+rates count real (non-pad) tokens over the median step time, per wall-clock second and per CPU-second
+of this process (on a shared, loaded machine the second is the steadier measure of the work). Peak
+memory is measured afterwards in a child process (CPU: VmHWM reset through /proc/self/clear_refs, with
+malloc returning every block >= 64 KiB to the OS, which would slow timed steps by faulting their pages
+in; GPU: peak allocated): one step of each variant, and the loss path alone (from the decoder's hidden
+states through the backward into them), also timed in CPU-seconds; the tca-over-ntp overhead is its
+difference.
 """
 from __future__ import annotations
 
@@ -24,9 +28,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import copy
 import ctypes
+import json
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -101,14 +109,17 @@ def main() -> None:
     ap.add_argument("--packing", action="store_true", help="only compare packed rows with per-sample prompts")
     ap.add_argument("--rows", type=int, default=2, help="--packing: packed rows per step (train.micro_batch of a packed run)")
     ap.add_argument("--targets", type=int, default=0, help="--packing: targets per packed row (0 = train.pack_targets)")
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # internal: the memory measurement's child process
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     params = yaml.safe_load((ROOT / "stages.yaml").read_text())["params"]
     base_cfg = TrainConfig.from_params(params["train"], args.alpha)
-    batcher = load_batcher(args.artifacts, params, base_cfg)
-    msl_batcher = load_batcher(args.artifacts, params, replace(base_cfg, msl=True))
+    batcher = load_batcher(args.artifacts, params, base_cfg, device=args.device)  # as the train stage builds it here
+    msl_batcher = load_batcher(args.artifacts, params, replace(base_cfg, msl=True), device=args.device)
+    padded = copy.copy(batcher)
+    padded.unpadded = False
     samples = pl.read_parquet(args.artifacts / "subset" / "train.parquet", columns=["sample_id", "history", "item_id"])
     rng = np.random.default_rng(0)
     batches = [samples[rng.choice(samples.height, args.batch, replace=False)] for _ in range(args.steps + 1)]
@@ -121,9 +132,9 @@ def main() -> None:
         return compare_packing(args, params, base_cfg, batcher, model, device, bf16, autocast)
     cfgs = {"tca": LossConfig("tca", args.alpha), "ntp": LossConfig("ntp", args.alpha), "msl+tca": LossConfig("tca", args.alpha, msl=True)}
 
-    def ours(kind):
+    def ours(kind, batches=batcher):
         def step(rows):
-            inputs, labels = (msl_batcher if cfgs[kind].msl else batcher)(rows)
+            inputs, labels = (msl_batcher if cfgs[kind].msl else batches)(rows)
             inputs, labels = inputs.to(device), labels.to(device)
             with autocast():
                 loss = position_losses(head_logits(model, target_hidden(model, inputs), labels.columns), labels, cfgs[kind]).sum()
@@ -132,7 +143,7 @@ def main() -> None:
         return step
 
     def full_head(rows):
-        inputs, labels = batcher(rows)
+        inputs, labels = padded(rows)
         inputs, labels = inputs.to(device), labels.to(device)
         with autocast():
             logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).logits
@@ -141,7 +152,7 @@ def main() -> None:
         return inputs.n_tokens
 
     def reference(rows):
-        inputs, _ = batcher(rows)
+        inputs, _ = padded(rows)
         soft = batcher.dist.read(rows["sample_id"].to_numpy())
         inputs = inputs.to(device)
         soft = type(soft)(soft.token.to(device), soft.prob.to(device), soft.count.to(device))
@@ -152,15 +163,63 @@ def main() -> None:
         return inputs.n_tokens
 
     variants = {"ours tca": ours("tca"), "ours ntp": ours("ntp"), "ours msl+tca": ours("msl+tca"),
-                "full head": full_head, "reference": reference}
-    memory = PeakMemory(device)
+                "ours padded": ours("tca", padded), "full head": full_head, "reference": reference}
+    if args.memory:  # the child process (below): malloc tuned to measure, so not to time
+        memory = PeakMemory(device)
+        for name, step in variants.items():  # warm-up (lazy allocations), then one measured step each
+            step(batches[0])
+            model.zero_grad(set_to_none=True)
+        step_peak = {}
+        for name, step in variants.items():
+            memory.start()
+            step(batches[1])
+            step_peak[name] = memory.peak()
+            model.zero_grad(set_to_none=True)
+
+        # the loss path alone: from the decoder's hidden states (a leaf here) through the backward into them
+        rows = batches[0]
+        inputs, labels = padded(rows)
+        _, msl_labels = msl_batcher(rows)
+        soft = batcher.dist.read(rows["sample_id"].to_numpy())
+        inputs, labels, msl_labels = inputs.to(device), labels.to(device), msl_labels.to(device)
+        soft = type(soft)(soft.token.to(device), soft.prob.to(device), soft.count.to(device))
+        with torch.no_grad(), autocast():
+            hidden = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden.detach().requires_grad_(True)
+        at_targets = lambda: hidden.flatten(0, 1)[inputs.target_pos]
+        paths = {
+            "ours tca": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["tca"]).sum(),
+            "ours ntp": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["ntp"]).sum(),
+            "ours msl+tca": lambda: position_losses(head_logits(model, at_targets(), msl_labels.columns), msl_labels, cfgs["msl+tca"]).sum(),
+            "ours padded": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["tca"]).sum(),  # ours tca's loss path
+            "full head": lambda: position_losses(head_logits(model, hidden).flatten(0, 1)[inputs.target_pos], labels, cfgs["tca"]).sum(),
+            "reference": lambda: dense_reference_loss(head_logits(model, hidden), inputs, soft, args.alpha),
+        }
+        path_peak, path_cpu, path_loss = {}, {}, {}
+        clock = time.perf_counter if device.type == "cuda" else time.process_time  # GPU work is not CPU time
+        for name, path in paths.items():
+            times = []
+            for rep in range(PATH_REPS + 1):  # the first run warms up
+                hidden.grad = None
+                memory.start()
+                start = clock()
+                with autocast():
+                    loss = path()
+                loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(clock() - start)
+                path_peak[name] = memory.peak()
+            path_cpu[name], path_loss[name] = statistics.median(times[1:]), loss.item()
+
+        print(json.dumps({"step_peak": step_peak, "path_peak": path_peak, "path_cpu": path_cpu, "path_loss": path_loss}))
+        return
+
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     tokens = {name: [] for name in variants}
-    step_peak = {name: 0 for name in variants}
     for r, rows in enumerate(batches):
         for name, step in variants.items():
-            memory.start()
             start, start_cpu = time.perf_counter(), time.process_time()
             n = step(rows)
             if device.type == "cuda":
@@ -168,46 +227,16 @@ def main() -> None:
             took, took_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             model.zero_grad(set_to_none=True)
             if r:  # round 0 warms up
-                step_peak[name] = max(step_peak[name], memory.peak())
                 wall[name].append(took)
                 cpu[name].append(took_cpu)
                 tokens[name].append(n)
 
-    # the loss path alone: from the decoder's hidden states (a leaf here) through the backward into them
-    rows = batches[0]
-    inputs, labels = batcher(rows)
-    _, msl_labels = msl_batcher(rows)
-    soft = batcher.dist.read(rows["sample_id"].to_numpy())
-    inputs, labels, msl_labels = inputs.to(device), labels.to(device), msl_labels.to(device)
-    soft = type(soft)(soft.token.to(device), soft.prob.to(device), soft.count.to(device))
-    with torch.no_grad(), autocast():
-        hidden = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden.detach().requires_grad_(True)
-    at_targets = lambda: hidden.flatten(0, 1)[inputs.target_pos]
-    paths = {
-        "ours tca": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["tca"]).sum(),
-        "ours ntp": lambda: position_losses(head_logits(model, at_targets()), labels, cfgs["ntp"]).sum(),
-        "ours msl+tca": lambda: position_losses(head_logits(model, at_targets(), msl_labels.columns), msl_labels, cfgs["msl+tca"]).sum(),
-        "full head": lambda: position_losses(head_logits(model, hidden).flatten(0, 1)[inputs.target_pos], labels, cfgs["tca"]).sum(),
-        "reference": lambda: dense_reference_loss(head_logits(model, hidden), inputs, soft, args.alpha),
-    }
-    path_peak, path_cpu, path_loss = {}, {}, {}
-    clock = time.perf_counter if device.type == "cuda" else time.process_time  # GPU work is not CPU time
-    for name, path in paths.items():
-        times = []
-        for rep in range(PATH_REPS + 1):  # the first run warms up
-            hidden.grad = None
-            memory.start()
-            start = clock()
-            with autocast():
-                loss = path()
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(clock() - start)
-            path_peak[name] = memory.peak()
-        path_cpu[name], path_loss[name] = statistics.median(times[1:]), loss.item()
-
+    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory"], capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"the memory measurement failed:\n{child.stderr[-3000:]}")
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    step_peak, path_peak, path_cpu, path_loss = (measured[k] for k in ("step_peak", "path_peak", "path_cpu", "path_loss"))
+    inputs, _ = padded(batches[0])
     B, T = inputs.input_ids.shape
     print(f"SmolLM2 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) + LoRA on {device} in {'bf16' if bf16 else 'fp32'}, "
           f"{torch.get_num_threads()} threads; {args.steps} timed steps of {args.batch} samples, interleaved "
@@ -227,7 +256,9 @@ def main() -> None:
           f"{path_peak['reference'] / max(path_peak['ours tca'], 1):.1f}x less peak memory; whole step "
           f"{step_peak['reference'] / max(step_peak['ours tca'], 1):.2f}x less")
     print(f"LM head at target positions vs on every position (same sparse loss): "
-          f"{rate['ours tca'] / rate['full head']:.2f}x tokens/s ({cpu_rate['ours tca'] / cpu_rate['full head']:.2f}x per CPU-s)")
+          f"{rate['ours padded'] / rate['full head']:.2f}x tokens/s ({cpu_rate['ours padded'] / cpu_rate['full head']:.2f}x per CPU-s)")
+    print(f"the micro-batch as the train stage runs it here{' (unpadded)' if batcher.unpadded else ''} vs right-padded: "
+          f"{rate['ours tca'] / rate['ours padded']:.2f}x tokens/s ({cpu_rate['ours tca'] / cpu_rate['ours padded']:.2f}x per CPU-s)")
     print(f"overhead of tca over ntp: {1e3 * (path_cpu['ours tca'] - path_cpu['ours ntp']):.1f} CPU ms per step = "
           f"{100 * (path_cpu['ours tca'] - path_cpu['ours ntp']) / step_cpu_ntp:+.2f}% of an ntp step (whole steps, noisier: "
           f"{100 * (cpu_rate['ours ntp'] / cpu_rate['ours tca'] - 1):+.1f}%)")

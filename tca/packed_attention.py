@@ -62,12 +62,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     chunk = attention_mask.shape[2]
     # [B * n, G, H/G * chunk, d]: a chunk's queries, the heads that share a K/V head stacked as rows (GQA without copies)
     q = F.pad(query, (0, 0, 0, n * chunk - T)).reshape(B, G, H // G, n, chunk, d).permute(0, 3, 1, 2, 4, 5)
-    q = q.reshape(B * n, G, H // G * chunk, d)
+    q = q.reshape(B * n, G, H // G * chunk, d) * (d**-0.5 if scaling is None else scaling)  # scaled here: d < width
     at = key_index.reshape(B, 1, n * width, 1).expand(B, G, n * width, d)
     k, v = (x.gather(2, at).view(B, G, n, width, d).transpose(1, 2).reshape(B * n, G, width, d) for x in (key, value))
-    scores = (q @ k.transpose(-1, -2)).view(B * n, G, H // G, chunk, width) * (d**-0.5 if scaling is None else scaling)
-    scores = scores.masked_fill(~attention_mask.reshape(B * n, 1, 1, chunk, width), float("-inf"))
-    probs = F.dropout(scores.softmax(-1, dtype=torch.float32), dropout if module.training else 0.0).to(v.dtype)
+    scores = (q @ k.transpose(-1, -2)).view(B * n, G, H // G, chunk, width)
+    scores.masked_fill_(~attention_mask.reshape(B * n, 1, 1, chunk, width), float("-inf"))  # in place: the matmul's backward never reads it
+    # in the scores' dtype: the softmax accumulates in fp32 either way, and its bf16 output is the fp32 one rounded
+    probs = F.dropout(scores.softmax(-1), dropout if module.training else 0.0)
     out = probs.view(B * n, G, H // G * chunk, width) @ v  # [B * n, G, H/G * chunk, d]
     return out.view(B, n, H, chunk, d).transpose(2, 3).reshape(B, n * chunk, H, d)[:, :T], None
 

@@ -26,6 +26,8 @@ import polars as pl
 import torch
 
 from tca.errors import TcaError
+from tca.llm import Inputs
+from tca.packed_attention import key_blocks
 from tca.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
 
@@ -161,3 +163,22 @@ def concatenate(rows: PackedRows) -> PackedRows:
     return PackedRows(input_ids=rows.input_ids[row, pos][None], lengths=np.array([len(row)]), mask=mask[None, None],
                       target_pos=offset[rows.target_pos // width] + rows.target_pos % width, target=rows.target,
                       target_len=rows.target_len, sample=rows.sample, position_ids=pos[None])
+
+
+def as_inputs(rows: PackedRows) -> Inputs:
+    """Concatenated rows as model inputs, with their mask in both forms: chunked for the sdpa models
+    (`tca.packed_attention`), dense for the others."""
+    return Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len,
+                  window_mask=rows.mask, key_blocks=key_blocks(rows.mask), position_ids=rows.position_ids)
+
+
+def unpad(inputs: Inputs) -> Inputs:
+    """Right-padded per-sample prompts (`tca.llm.encode`) end to end as one sequence, each under its own
+    causal mask: the model reads no padding, and block attention's backward is cheaper on a CPU than
+    SDPA's over a padded [B, T, T] mask (bench/train_step.py). Same logits at every target."""
+    B, T = inputs.input_ids.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril() & inputs.attention_mask.bool()[:, None, :]
+    rows = PackedRows(input_ids=inputs.input_ids, lengths=inputs.attention_mask.sum(1).numpy(),
+                      mask=(causal | torch.eye(T, dtype=torch.bool))[:, None], target_pos=inputs.target_pos,
+                      target=inputs.target, target_len=inputs.target_len, sample=np.arange(B))
+    return as_inputs(concatenate(rows))

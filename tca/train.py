@@ -50,8 +50,7 @@ from tca.evaluate import EvalConfig, recommend, score_lists
 from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
 from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.losses import Labels, LossConfig, make_labels, position_losses
-from tca.packed_attention import key_blocks
-from tca.packing import PACKINGS, Windows, concatenate, encode_windows, pack_samples, select_rows
+from tca.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, unpad
 from tca.prefetch import Prefetch
 from tca.prompt import PromptBuilder
 from tca.ragged import ragged_index
@@ -146,12 +145,15 @@ class Batcher:
     """Sample rows (`sample_id`, `history`, `item_id`) -> model inputs and loss labels."""
 
     def __init__(self, builder: PromptBuilder, targets: ItemTargets, trie: Trie, dist: DistReader | None,
-                 cfg: LossConfig, max_len: int, pad_id: int, hybrid: HybridPrompt | None = None):
-        """`hybrid`: the CF slots of LLaRA / CoLLM prompts (`builder` then has those slots)."""
+                 cfg: LossConfig, max_len: int, pad_id: int, hybrid: HybridPrompt | None = None, unpadded: bool = False):
+        """`hybrid`: the CF slots of LLaRA / CoLLM prompts (`builder` then has those slots). `unpadded`: a
+        micro-batch of per-sample prompts is one sequence without padding (`tca.packing.unpad`; prompts
+        with CF slots stay padded), for a model whose attention reads its chunked mask (sdpa)."""
         if cfg.uses_q and dist is None:
             raise TcaError(f"train.loss={cfg.loss} needs q from the cf_dist stage")
         self.builder, self.targets, self.trie, self.dist = builder, targets, trie, dist
         self.cfg, self.max_len, self.pad_id, self.hybrid = cfg, max_len, pad_id, hybrid
+        self.unpadded = unpadded and hybrid is None
 
     def __call__(self, rows: pl.DataFrame, progress: float = 1.0) -> tuple[Inputs, Labels]:
         """`progress`: the share of training done (LLaRA's curriculum mixes text-only prompts in before its end)."""
@@ -161,6 +163,8 @@ class Batcher:
     def prepare(self, rows: pl.DataFrame) -> tuple[Inputs, Labels]:
         """Everything but the CF slots' vectors (`fill`); draws no random numbers, so it may run in another thread."""
         inputs = encode(self.builder, self.targets, rows["history"], rows["item_id"].to_numpy(), self.max_len, self.pad_id)
+        if self.unpadded:
+            inputs = unpad(inputs)
         soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
         return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
 
@@ -178,8 +182,7 @@ class Batcher:
     def packed(self, samples: pl.DataFrame, windows: Windows) -> tuple[Inputs, Labels]:
         """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
         rows = concatenate(encode_windows(self.builder, windows, self.pad_id))
-        inputs = Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len,
-                        window_mask=rows.mask, key_blocks=key_blocks(rows.mask), position_ids=rows.position_ids)
+        inputs = as_inputs(rows)
         soft = self.dist.read(samples["sample_id"].to_numpy()[rows.sample]) if self.cfg.uses_q else None
         return inputs, make_labels(rows.target.numpy(), rows.target_len, soft, self.trie, self.cfg)
 

@@ -327,6 +327,33 @@ def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_unpadded_micro_batches_equal_the_padded_ones(world, tiny_llama, tmp_path, attention):
+    """Per-sample prompts end to end without padding (`Batcher(unpadded=True)`, `tca.packing.unpad`):
+    every target's loss and the LoRA gradients are those of the right-padded micro-batch, through the
+    chunked mask (sdpa) and the dense one (eager)."""
+    tiny_llama(seed=6).save_pretrained(tmp_path / "m")
+    rows = user_samples(3, seed=4, history_len=4, min_history=1).head(7)
+    cfg = LossConfig("ntp")
+    padded, labels = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])(rows)
+    joined, joined_labels = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"], unpadded=True)(rows)
+    assert (padded.attention_mask == 0).any()  # prompts of different lengths: the padded batch has padding
+    assert joined.input_ids.shape == (1, padded.n_tokens) and joined.n_tokens == padded.n_tokens
+    torch.testing.assert_close(joined.target, padded.target)
+    torch.testing.assert_close(joined_labels.gold, labels.gold)
+    model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0), attention=attention)
+    results = []
+    for inputs in (padded, joined):
+        model.zero_grad(set_to_none=True)
+        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+        losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1]
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_device_copies_reach_the_key_blocks(world):
     """The trainer moves (and on CUDA pins) a micro-batch with `on_tensors`: the chunked mask and key
     index of packed rows must travel with the rest."""

@@ -1,4 +1,6 @@
-"""The project's own stages.yaml: loads, every stage is wired, and `tca status` stays cheap."""
+"""The project's own stages.yaml: loads, every stage is wired, its code lists cover what the stages
+import, and `tca status` stays cheap."""
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +39,39 @@ def test_stage_modules_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def tca_imports(path: Path) -> set[Path]:
+    """Files of the `tca` and stage modules that `path` imports anywhere (stage modules import inside `run`)."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] + ((node.module,) if node.module else ())) if node.level else node.module
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    files = set()
+    for name in names:
+        if not (name.startswith("tca.") or name.startswith("pipeline.stages.")):
+            continue
+        for candidate in (ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"):
+            if candidate.exists():
+                files.add(candidate)
+    return files
+
+
+def test_code_lists_cover_what_each_stage_imports():
+    """A change to any `tca` module (or other stage's glue) a stage runs (imported by its entry,
+    transitively) makes the stage stale: it is in the stage's `code` list (a file, or a folder above it). Empty `__init__.py` files
+    hold no code."""
+    project = Project(ROOT)
+    for stage in load_graph(ROOT / "stages.yaml").stages.values():
+        listed = {f.resolve() for f in project.code_files(stage)}
+        seen, todo = set(), [project.code_files(stage)[0]]
+        while todo:
+            for module in tca_imports(todo.pop()) - seen:
+                seen.add(module)
+                todo.append(module)
+        missing = sorted(str(f.relative_to(ROOT)) for f in seen if f.resolve() not in listed and f.read_text().strip())
+        assert not missing, f"stages.yaml: stage {stage.name} runs {missing} but its code list lacks them"

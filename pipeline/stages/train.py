@@ -64,8 +64,12 @@ def load_builder(artifacts: Path, params: dict, packing: str, slots: tuple = ())
     return PromptBuilder(tokenizer, titles, PromptConfig(**params["prompt"]), slots, pieces), targets, tokenizer
 
 
-def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
-    """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts."""
+def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None, device: str = "cpu"):
+    """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts.
+    On a CPU, with the sdpa models, per-sample micro-batches run unpadded (`tca.packing.unpad`: measured
+    faster there, bench/train_step.py); a GPU keeps padded batches for its fused attention kernels."""
+    import torch
+
     from tca.collab_store import DistReader
     from tca.train import Batcher
     from tca.trie import Trie
@@ -73,7 +77,8 @@ def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None):
     builder, targets, tokenizer = load_builder(artifacts, params, cfg.packing, () if hybrid is None else hybrid.slots)
     trie = Trie.load(artifacts / "trie" / "trie.npz")
     dist = DistReader(artifacts / "cf_dist" / "dist.zarr", trie) if cfg.loss_config.uses_q else None
-    return Batcher(builder, targets, trie, dist, cfg.loss_config, cfg.max_len, builder.pad_id, hybrid)
+    unpadded = params["llm"]["attn_implementation"] == "sdpa" and torch.device(device).type == "cpu"
+    return Batcher(builder, targets, trie, dist, cfg.loss_config, cfg.max_len, builder.pad_id, hybrid, unpadded)
 
 
 def read_format(adapter: Path) -> dict:
@@ -121,7 +126,7 @@ def run(ctx: StageContext) -> None:
         cf = load_checkpoint(ctx.input("cf") / "model.pt", ctx.device, ctx.param("cf.model"))
         hybrid = HybridPrompt(cf, cfg.backbone, (cfg.curriculum_start, cfg.curriculum_end))
         log(f"{cfg.backbone}: {' + '.join(hybrid.slots)} slots from the frozen {cf.cfg.model} (d={hybrid.cf_dim})")
-    batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid)
+    batcher = load_batcher(ctx.artifacts, ctx.params, cfg, hybrid, ctx.device)
     names = pl.read_parquet_schema(ctx.input("subset") / "train.parquet")
     columns = [c for c in ("sample_id", "user_id", "timestamp", "history", "item_id") if c in names]  # user, time: packing
     samples = pl.read_parquet(ctx.input("subset") / "train.parquet", columns=columns)
