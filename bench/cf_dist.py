@@ -34,9 +34,9 @@ import polars as pl
 import torch
 
 from tca.cf import CFConfig, build, pad_histories
-from tca.collab import CollabConfig, token_dist, trie_scorer
-from tca.collab_store import DistReader, DistWriter
-from tca.trie import Trie, build_trie
+from tca.collab.tokenizer import CollabConfig, token_dist, trie_scorer
+from tca.collab.store import DistReader, DistWriter
+from tca.collab.trie import Trie, build_trie
 
 BATCH = 256
 READS, READ_BATCH = 50, 16  # random training batches read back
@@ -45,9 +45,9 @@ EOS = 2
 
 
 def movielens(n_samples: int) -> tuple[pl.Series, pl.DataFrame]:
-    from tca import base_model, gguf_convert
+    from tca.llm import base_model, gguf_convert
     from tca.data import DataConfig, prepare
-    from tca.trie import target_ids
+    from tca.collab.trie import target_ids
 
     data = prepare(DataConfig())
     tokenizer = gguf_convert.gguf_tokenizer(base_model.embedded_gguf())

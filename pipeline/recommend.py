@@ -47,7 +47,7 @@ def recommend(project: Project, titles: list[str], user: int | None, top_k: int)
     from pipeline.stages.eval import eval_config, load_recommender, load_sid_recommender
     from pipeline.stages.train import SID_RECORD
     from tca.errors import TcaError
-    from tca.evaluate import recommend as rank
+    from tca.llm.evaluate import recommend as rank
     from tca.sid.seq2seq import recommend_sids
 
     if bool(titles) == (user is not None):

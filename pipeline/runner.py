@@ -62,11 +62,11 @@ SHARD_RECORD = "shard.json"  # in each shard folder: the key and range it was co
 
 
 def launched_world():
-    """This process's rank under torchrun / accelerate launch (a `tca.ddp.World`), or None for a
+    """This process's rank under torchrun / accelerate launch (a `tca.llm.ddp.World`), or None for a
     plain process (then torch is not imported: `tca status` stays fast)."""
     if "WORLD_SIZE" not in os.environ:
         return None
-    from tca.ddp import World
+    from tca.llm.ddp import World
 
     world = World.from_env()
     return world if world.size > 1 else None
@@ -479,7 +479,7 @@ class Project:
     def run_ranks(self, world, targets, force, upstream, downstream, dry, log) -> list[str]:
         """One rank of a data-parallel launch: rank 0 runs the stages as `run` does (lock, staleness,
         run cache, atomic outputs, stages.lock) and broadcasts each decision; the others follow."""
-        from tca import ddp
+        from tca.llm import ddp
 
         if targets is None or upstream or downstream or dry:
             raise TcaError("under torchrun / accelerate launch, use `tca run-stage NAME` without --upstream, --downstream "
@@ -500,7 +500,7 @@ class Project:
 
     def _follow(self, world) -> list[str]:
         """A rank other than 0: compute the stages rank 0 computes, into a scratch dir that is then deleted."""
-        from tca import ddp
+        from tca.llm import ddp
 
         order = ddp.broadcast(None, world)
         if isinstance(order, str):  # rank 0 refused to run

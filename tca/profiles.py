@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tca.prompt import pad_id
+from tca.llm.prompt import pad_id
 from tca.ragged import pad
 
 ITEM_PROMPT = "In one short sentence, describe the kind of person who would enjoy the {domain} \"{title}\"."
@@ -56,10 +56,10 @@ def generate(prompts: list[str], model, tokenizer, max_new_tokens: int = 24, bat
 
 
 def load_generator(model_dir: Path, device: str = "cpu"):
-    """(model, tokenizer); the model in bf16 where that is fast (`tca.llm.use_bf16`), else fp32."""
+    """(model, tokenizer); the model in bf16 where that is fast (`tca.llm.model.use_bf16`), else fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tca.llm import use_bf16
+    from tca.llm.model import use_bf16
 
     dtype = torch.bfloat16 if use_bf16(device) else torch.float32
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(model_dir)

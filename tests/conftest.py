@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tca import base_model, gguf_convert  # noqa: E402
+from tca.llm import base_model, gguf_convert  # noqa: E402
 
 
 def _tokenizer_cache_key(gguf: Path) -> str:

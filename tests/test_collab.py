@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from pipeline.context import StageContext
 from pipeline.stages import cf_dist as cf_dist_stage
-from tca import collab_store
+from tca.collab import store as collab_store
 from tca.cf import CFConfig, build, pad_histories, save_checkpoint
 from tca.cf.sasrec import SASRec
-from tca.collab import CollabConfig, TokenDist, token_dist, without_history
-from tca.collab_store import DistReader, DistWriter
+from tca.collab.tokenizer import CollabConfig, TokenDist, token_dist, without_history
+from tca.collab.store import DistReader, DistWriter
 from tca.errors import TcaError
-from tca.trie import Trie, build_trie, target_ids
+from tca.collab.trie import Trie, build_trie, target_ids
 
 EOS = 2
 catalogs = st.lists(st.lists(st.integers(3, 6), max_size=5), min_size=1, max_size=25)  # shared prefixes, prefix titles, duplicates
@@ -106,7 +106,7 @@ def test_q_matches_brute_force(titles, seed, scale, tau, top_k):
 
 def test_a_batch_spanning_kernel_chunks_equals_its_samples_one_by_one():
     """fill_entries shares scratch rows across a chunk of samples: nothing of one sample may leak into the next."""
-    from tca.kernels import CHUNK
+    from tca.collab.kernels import CHUNK
 
     trie, seqs = catalog([[3, 4], [3, 5], [3, 5, 6], [4, 4], [4, 5], [5], [6], [3]])
     golds = np.resize(np.array(list(seqs)), 2 * CHUNK + 5)
@@ -161,7 +161,7 @@ def test_extreme_scores_stay_finite_and_exact():
 
 
 def test_vectorized_exp_matches_numpy():
-    from tca.kernels import _exp_shifted
+    from tca.collab.kernels import _exp_shifted
 
     x = np.concatenate([np.linspace(-705, 0, 100_001), [-706.5, -708.0, -709.0, -1e4, -np.inf]])
     row = np.empty(len(x))
@@ -171,7 +171,7 @@ def test_vectorized_exp_matches_numpy():
 
 
 def test_row_max_on_float_bits():
-    from tca.kernels import _row_max
+    from tca.collab.kernels import _row_max
 
     rng = np.random.default_rng(0)
     for row in (rng.normal(0, 50, 1001), -rng.random(7) - 1e-30, np.array([-0.0, 0.0, -1e-45]), np.array([-3.4e38, -np.inf + 0])):
@@ -193,7 +193,7 @@ class Biased(SASRec):
 @pytest.mark.parametrize("cls", [SASRec, Biased])
 def test_trie_order_scores_give_the_same_q(cls):
     """trie_scorer's [B, N] scores (a permuted matmul, or a model's own score gathered) = score() by item id."""
-    from tca.collab import trie_scorer
+    from tca.collab.tokenizer import trie_scorer
 
     trie, seqs = catalog([[3, 4], [3, 5], [3, 5, 6], [4, 4], [4, 5], [5], [6]])
     torch.manual_seed(0)

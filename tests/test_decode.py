@@ -11,12 +11,12 @@ import torch
 
 from pipeline.runner import Project
 from pipeline.stages.eval import eval_config
-from tca.decode import DeviceTrie, Syncs, beam_search, excluded_rows, ranked_items
+from tca.llm.decode import DeviceTrie, Syncs, beam_search, excluded_rows, ranked_items
 from tca.errors import TcaError
-from tca.hf_decode import hf_beam_search
-from tca.losses import LossConfig, make_labels, position_losses
-from tca.prompt import PromptBuilder
-from tca.trie import build_trie, target_ids
+from tca.llm.hf_decode import hf_beam_search
+from tca.llm.losses import LossConfig, make_labels, position_losses
+from tca.llm.prompt import PromptBuilder
+from tca.collab.trie import build_trie, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
 MSL_TAU = 4.5  # the authors' MSL temperature (params/paper.yaml)

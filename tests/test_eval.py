@@ -17,10 +17,10 @@ from pipeline.stages import trie as trie_stage
 from tca.cf.base import CFConfig, pad_histories
 from tca.cf.registry import build, save_checkpoint
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, evaluate
+from tca.llm.evaluate import EvalConfig, evaluate
 from tca.metrics import list_ranks, ranking_metrics
-from tca.prompt import PromptBuilder
-from tca.trie import Trie
+from tca.llm.prompt import PromptBuilder
+from tca.collab.trie import Trie
 
 TITLES = ["Alien (1979)", "Alien", "Aliens (1986)", "Toy Story (1995)", "Toy Story 2 (1999)", "Fargo (1996)",
           "Heat (1995)", "Up (2009)", "Jaws (1975)", "Jaws", "Jaws 2 (1978)", "Babe (1995)", "Casino (1995)",
@@ -175,7 +175,7 @@ def test_eval_params_are_checked(artifacts, tmp_path):
 
 def test_auto_precision_asks_the_gpu(monkeypatch):
     """`auto` is bf16 on a GPU only where it supports bf16 (a V100 or T4 does not), whatever "cuda" says."""
-    from tca.llm import use_bf16
+    from tca.llm.model import use_bf16
 
     for supported in (True, False):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)

@@ -7,14 +7,14 @@ import polars as pl
 import pytest
 import torch
 
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
-from tca.evaluate import EvalConfig, recommend
-from tca.llm import ItemTargets, LoraSettings, load_model
-from tca.losses import LossConfig
-from tca.prompt import PromptBuilder
-from tca.train import Batcher, batch_loss
-from tca.trie import build_trie, target_ids
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
+from tca.llm.evaluate import EvalConfig, recommend
+from tca.llm.model import ItemTargets, LoraSettings, load_model
+from tca.llm.losses import LossConfig
+from tca.llm.prompt import PromptBuilder
+from tca.llm.train import Batcher, batch_loss
+from tca.collab.trie import build_trie, target_ids
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

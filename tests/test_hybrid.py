@@ -16,17 +16,17 @@ import torch
 from pipeline.context import StageContext
 from tca.cf.base import CFConfig, pad_histories
 from tca.cf.registry import build, save_checkpoint
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
-from tca.decode import DeviceTrie, beam_search, ranked_items
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
+from tca.llm.decode import DeviceTrie, beam_search, ranked_items
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, evaluate
-from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt, input_embeds, mix_ratio
-from tca.llm import ItemTargets, LoraSettings, load_model, target_hidden
-from tca.prompt import USER_SLOT_TEXT, PromptBuilder, PromptConfig
+from tca.llm.evaluate import EvalConfig, evaluate
+from tca.llm.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt, input_embeds, mix_ratio
+from tca.llm.model import ItemTargets, LoraSettings, load_model, target_hidden
+from tca.llm.prompt import USER_SLOT_TEXT, PromptBuilder, PromptConfig
 from tca.ragged import pad
-from tca.train import Batcher, TrainConfig, Trainer
-from tca.trie import build_trie, target_ids
+from tca.llm.train import Batcher, TrainConfig, Trainer
+from tca.collab.trie import build_trie, target_ids
 
 TITLES = ["", "Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995)", "Amélie (2001)", "Alien (1979)",
           "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
@@ -193,7 +193,7 @@ def test_beam_search_on_hybrid_prompts_equals_exhaustive_reference(world, tokeni
 
 
 def evaluate_lists(model, builder, world, hybrid, histories, k):
-    from tca.evaluate import recommend
+    from tca.llm.evaluate import recommend
 
     series = pl.Series(histories, dtype=pl.List(pl.Int64))
     return recommend(model, builder, world["trie"], series, EvalConfig(num_beams=k, batch_size=2), hybrid=hybrid)

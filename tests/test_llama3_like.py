@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from test_scale import TITLES, lock_as_run, samples
 
 import cli
-import tca.train
+import tca.llm.train
 from pipeline.context import StageContext
 from pipeline.runner import Project
 from pipeline.stages import model as model_stage
-from tca import base_model
+from tca.llm import base_model
 from tca.cf.base import CFConfig
 from tca.cf.registry import build, save_checkpoint
 from tca.errors import TcaError
-from tca.prompt import PromptBuilder
+from tca.llm.prompt import PromptBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 BOS = 1  # the fixture tokenizer's BOS (<|im_start|>); its EOS, 2, is also its filler id
@@ -85,10 +85,10 @@ def project(tmp_path_factory, llama3_like_dir):
     (art / "cf" / "metrics.json").write_text("{}\n")
 
     built, validations = [], []
-    build_prompts, validate = PromptBuilder.build, tca.train.recommend
+    build_prompts, validate = PromptBuilder.build, tca.llm.train.recommend
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PromptBuilder, "build", lambda self, *a: built.append(build_prompts(self, *a)) or built[-1])
-        patch.setattr(tca.train, "recommend", lambda *a, **k: validations.append(a[4]) or validate(*a, **k))
+        patch.setattr(tca.llm.train, "recommend", lambda *a, **k: validations.append(a[4]) or validate(*a, **k))
         proj = Project(root, device="cpu")
         lock_as_run(proj, ["data", "subset"])
         proj.run(["model", "text_emb", "profiles"], log=lambda msg: None)
@@ -121,8 +121,8 @@ def test_stages_and_recommend_run_with_bos_first(project):
 
 def test_paper_params_dry_run_and_one_training_step(project, llama3_like_dir, monkeypatch):
     from pipeline.stages.train import load_batcher
-    from tca.llm import LoraSettings, load_model, use_bf16
-    from tca.train import TrainConfig, Trainer
+    from tca.llm.model import LoraSettings, load_model, use_bf16
+    from tca.llm.train import TrainConfig, Trainer
 
     root, _, _ = project
     monkeypatch.chdir(root)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tca.errors import TcaError
-from tca.llm import ItemTargets, LoraSettings, encode, head_logits, load_model, target_hidden
-from tca.prompt import PromptBuilder
-from tca.trie import target_ids
+from tca.llm.model import ItemTargets, LoraSettings, encode, head_logits, load_model, target_hidden
+from tca.llm.prompt import PromptBuilder
+from tca.collab.trie import target_ids
 
 TITLES = ["", "Toy Story (1995)", "Fargo (1996)", "Amélie (2001)", 'Léon: "The Professional" (1994)', "Heat (1995)"]
 HISTORIES = [[1, 2, 3], [4], [5, 5, 1, 4, 3, 2], [2, 3]]

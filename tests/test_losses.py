@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tca.collab_store import SoftLabels
+from tca.collab.store import SoftLabels
 from tca.errors import TcaError
-from tca.losses import LossConfig, Labels, make_labels, position_losses
-from tca.trie import build_trie
+from tca.llm.losses import LossConfig, Labels, make_labels, position_losses
+from tca.collab.trie import build_trie
 
 N, V, K = 12, 40, 6
 
@@ -130,7 +130,7 @@ TITLES = ["Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Fargo (199
 
 
 def test_make_labels_msl_columns_are_trie_children(tokenizer):
-    from tca.trie import target_ids
+    from tca.collab.trie import target_ids
 
     targets = target_ids(tokenizer, pl.Series(TITLES))
     trie = build_trie(np.arange(1, len(TITLES) + 1), targets)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.context import StageContext
 from pipeline.stages import model as model_stage
-from tca import base_model, gguf_convert
+from tca.llm import base_model, gguf_convert
 from tca.errors import TcaError
 
 

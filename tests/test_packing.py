@@ -1,4 +1,4 @@
-"""Packed item-window training (`tca.packing`): rows supervise exactly the selected samples, the mask
+"""Packed item-window training (`tca.llm.packing`): rows supervise exactly the selected samples, the mask
 is the item window, a one-target row equals the per-sample prompt, and the trainer trains packed."""
 import json
 from dataclasses import replace
@@ -8,15 +8,15 @@ import polars as pl
 import pytest
 import torch
 
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
-from tca.llm import Inputs, ItemTargets, LoraSettings, encode, load_model, target_hidden
-from tca.losses import LossConfig, make_labels, position_losses
-from tca.packed_attention import key_blocks
-from tca.packing import encode_windows, pack_samples
-from tca.prompt import PromptBuilder
-from tca.train import Batcher, TrainConfig, Trainer
-from tca.trie import build_trie, target_ids
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
+from tca.llm.model import Inputs, ItemTargets, LoraSettings, encode, load_model, target_hidden
+from tca.llm.losses import LossConfig, make_labels, position_losses
+from tca.llm.packed_attention import key_blocks
+from tca.llm.packing import encode_windows, pack_samples
+from tca.llm.prompt import PromptBuilder
+from tca.llm.train import Batcher, TrainConfig, Trainer
+from tca.collab.trie import build_trie, target_ids
 
 TITLES = ["", "Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995)", "Amélie (2001)", "Alien (1979)",
           "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
@@ -152,7 +152,7 @@ def test_one_target_row_equals_the_per_sample_prompt(world, tiny_llama, tmp_path
 
 def test_tokens_outside_a_window_do_not_reach_its_target(world, tiny_llama, tmp_path):
     """One layer: attention is the only path between tokens, so a target's logits are a function of
-    its window alone (deeper layers carry older items through history states, see tca.packing)."""
+    its window alone (deeper layers carry older items through history states, see tca.llm.packing)."""
     tiny_llama(seed=2, num_hidden_layers=1).save_pretrained(tmp_path / "m")
     model = load_model(tmp_path / "m")
     samples = user_samples(1, seed=7).sort("timestamp")[:8]
@@ -262,7 +262,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(world, tiny_llama,
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
 def test_block_local_attention_equals_the_dense_mask(world, tiny_llama, tmp_path, chunk):
-    """Packed rows cut into query chunks (tca.packed_attention) give the dense-mask forward's losses and
+    """Packed rows cut into query chunks (tca.llm.packed_attention) give the dense-mask forward's losses and
     gradients: chunks of one token, chunks that split items, and one chunk longer than the rows."""
     tiny_llama(seed=4, num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "m")  # GQA: 2 heads a K/V head
     samples = user_samples(3, seed=10)
@@ -329,7 +329,7 @@ def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_unpadded_micro_batches_equal_the_padded_ones(world, tiny_llama, tmp_path, attention):
-    """Per-sample prompts end to end without padding (`Batcher(unpadded=True)`, `tca.packing.unpad`):
+    """Per-sample prompts end to end without padding (`Batcher(unpadded=True)`, `tca.llm.packing.unpad`):
     every target's loss and the LoRA gradients are those of the right-padded micro-batch, through the
     chunked mask (sdpa) and the dense one (eager)."""
     tiny_llama(seed=6).save_pretrained(tmp_path / "m")
@@ -357,7 +357,7 @@ def test_unpadded_micro_batches_equal_the_padded_ones(world, tiny_llama, tmp_pat
 def test_device_copies_reach_the_key_blocks(world):
     """The trainer moves (and on CUDA pins) a micro-batch with `on_tensors`: the chunked mask and key
     index of packed rows must travel with the rest."""
-    from tca.train import on_tensors
+    from tca.llm.train import on_tensors
 
     cfg = LossConfig("ntp")
     batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tca.errors import TcaError
-from tca.prompt import PromptBuilder, PromptConfig, bos_ids, pad_id
+from tca.llm.prompt import PromptBuilder, PromptConfig, bos_ids, pad_id
 
 TITLES = ["<pad>", "Toy Story (1995)", "Fargo (1996)", "Amélie (2001)", 'Léon: "The Professional" (1994)']
 

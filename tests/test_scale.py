@@ -226,9 +226,9 @@ def test_shard_ranges_tile_the_rows_in_whole_blocks(n, unit, count):
 
 
 def test_each_rank_draws_its_own_random_numbers():
-    """Rank r seeds torch with tca.ddp.rank_seed(train.seed, r): rank 0, as a single process, with the
+    """Rank r seeds torch with tca.llm.ddp.rank_seed(train.seed, r): rank 0, as a single process, with the
     seed itself; dropout masks of different ranks differ."""
-    from tca.ddp import rank_seed
+    from tca.llm.ddp import rank_seed
 
     assert rank_seed(42, 0) == 42 and len({rank_seed(s, r) for s in (0, 1, 42) for r in range(8)}) == 24
     masks = []
@@ -243,7 +243,7 @@ def test_a_killed_train_stage_resumes_from_its_resume_dir(root, base, monkeypatc
     and locks nothing; a run with other params does not touch it; a rerun with the same params and
     inputs resumes there at step 1, ends with the adapter and log of an uninterrupted run, and removes it."""
     from pipeline.stages import train as train_stage
-    from tca.train import Trainer
+    from tca.llm.train import Trainer
 
     quiet = lambda msg: None  # noqa: E731
     overrides = ["train.checkpoint_every=1"]  # when checkpoints happen, not what training computes

@@ -12,16 +12,16 @@ import pytest
 import torch
 from test_collab import assert_close, brute_q, random_scores, unpack
 
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig
-from tca.losses import LossConfig
+from tca.llm.evaluate import EvalConfig
+from tca.llm.losses import LossConfig
 from tca.sid.letter import train_letter
 from tca.sid.rqvae import FIRST, SidConfig, semantic_ids, sid_targets, train_rqvae, vocab_size
 from tca.sid.seq2seq import SidBatcher, SidItems, Seq2SeqConfig, build_model, recommend_sids, train_seq2seq
 from tca.sid.seq2seq import batch_loss as seq2seq_loss
-from tca.trie import Trie, build_trie
+from tca.collab.trie import Trie, build_trie
 
 SMALL = dict(levels=2, codebook_size=8, latent_dim=8, hidden=(32,), epochs=40, batch_size=64, kmeans_iters=10, lr=1e-2)
 
@@ -327,7 +327,7 @@ def test_validation_every_n_epochs_and_after_the_last(sid_dist):
 
 def test_sid_validation_scores_the_eval_lists(sid_dist):
     """SidValidation's metrics are score_lists' of recommend_sids' lists (history excluded as configured)."""
-    from tca.evaluate import score_lists
+    from tca.llm.evaluate import score_lists
     from tca.sid.seq2seq import SidValidation
 
     _, samples = sid_dist

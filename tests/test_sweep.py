@@ -287,7 +287,7 @@ def test_repo_experiments_resolve_against_stages_yaml():
     """Every variant of experiments.yaml names known params with well-typed values; the rows
     the paper's tables need are there."""
     experiments = load_experiments(experiment_file(REPO))
-    assert list(experiments) == ["main", "sid", "ablation", "alpha", "cf_swap", "cf_size"]
+    assert list(experiments) == ["main", "sid", "ablation", "recipe", "alpha", "cf_swap", "cf_size"]
     for exp in experiments.values():
         for variant in exp.variants:
             Project(REPO, [*exp.shared, *variant.overrides])
@@ -306,3 +306,9 @@ def test_repo_experiments_resolve_against_stages_yaml():
     assert params("main", "BERT4Rec") == params("cf_swap", "TCA (BERT4Rec)")
     assert params("main", "MSL+TCA") == params("ablation", "TCA") == params("alpha", "tca.alpha=0.1") == params("cf_size", "TCA 100%")
     assert params("sid", "SASRec") == params("sid", "TIGER+TCA")
+    # the recipe's first point is the default recipe, on the larger valid subset it chooses by
+    assert experiments["recipe"].select == "ndcg@10"
+    default = {**Project(REPO, []).flat, "subset.valid": 500}
+    assert params("recipe", "full lr 1e-4") == default
+    lora = params("recipe", "LoRA r16 all projections lr 1e-3")
+    assert lora["train.finetune"] == "lora" and len(lora["lora.target_modules"]) == 7

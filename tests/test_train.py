@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.context import StageContext
-from tca.collab import CollabConfig, token_dist
-from tca.collab_store import DistReader, DistWriter
+from tca.collab.tokenizer import CollabConfig, token_dist
+from tca.collab.store import DistReader, DistWriter
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, recommend
-from tca.llm import ItemTargets, LoraSettings, encode, load_model, use_bf16
-from tca.prompt import PromptBuilder
-from tca.train import Batcher, TrainConfig, Trainer, linear_schedule
-from tca.trie import build_trie, target_ids
+from tca.llm.evaluate import EvalConfig, recommend
+from tca.llm.model import ItemTargets, LoraSettings, encode, load_model, use_bf16
+from tca.llm.prompt import PromptBuilder
+from tca.llm.train import Batcher, TrainConfig, Trainer, linear_schedule
+from tca.collab.trie import build_trie, target_ids
 
 TITLES = ["", "Toy Story (1995)", "Toy Soldiers (1991)", "Fargo (1996)", "Heat (1995)", "Amélie (2001)", "Alien (1979)",
           "Aliens (1986)", "Casino (1995)", "Clueless (1995)", "Babe (1995)", "Braveheart (1995)", "Batman (1989)"]
@@ -251,7 +251,7 @@ def ddp_resume_worker(rank: int, port: int, model_dir: Path, samples: pl.DataFra
 
     from transformers import AutoTokenizer
 
-    from tca import ddp
+    from tca.llm import ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -330,7 +330,7 @@ def test_ddp_resume_continues_exactly_and_refuses_another_world_size(world, tiny
 
 
 def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, monkeypatch):
-    from tca.evaluate import Evaluation
+    from tca.llm.evaluate import Evaluation
 
     values, snapshots = iter([0.2, 0.5, 0.4, 0.3, 0.9]), []
 
@@ -339,7 +339,7 @@ def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, 
         snapshots.append(lora_weights(t.model))
         return Evaluation({"llm": {"hr@5": next(values)}}, None)
 
-    monkeypatch.setattr("tca.train.score_lists", fake_score_lists)
+    monkeypatch.setattr("tca.llm.train.score_lists", fake_score_lists)
     cfg = replace(BASE, epochs=5, micro_batch=10, grad_accum=1, eval_every=1, patience=2)
     t = trainer(world, tiny_model_dir, cfg, tmp_path / "es")
     result = t.run()
@@ -355,7 +355,7 @@ def test_early_stopping_keeps_the_best_adapter(world, tiny_model_dir, tmp_path, 
 def bf16_path(world, model_dir, cfg, bf16: bool):
     """The loss and LoRA gradients of one batch as the trainer computes them: weights in bf16 (the stage
     loads them so when `precision` picks bf16) under bf16 autocast, or all fp32."""
-    from tca.train import batch_loss
+    from tca.llm.train import batch_loss
 
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, lora=LORA, bf16=bf16).train()
@@ -446,7 +446,7 @@ def test_validation_decodes_at_the_trained_msl_temperature(world, tiny_model_dir
         seen.append(cfg)
         return np.zeros((len(histories), cfg.num_beams), np.int64), np.full((len(histories), cfg.num_beams), -np.inf, np.float32)
 
-    monkeypatch.setattr("tca.train.recommend", fake_recommend)
+    monkeypatch.setattr("tca.llm.train.recommend", fake_recommend)
     (tmp_path / "v").mkdir()
     trainer(world, tiny_model_dir, replace(BASE, msl=msl, msl_tau=4.5, eval_every=1), tmp_path / "v").validate(1)
     assert (seen[0].renormalize, seen[0].tau) == (msl, tau)
@@ -455,10 +455,10 @@ def test_validation_decodes_at_the_trained_msl_temperature(world, tiny_model_dir
 def test_reference_quirks_reproduce_the_authors_training(world, tiny_model_dir, tmp_path):
     """train.reference_quirks: the last title token and EOS carry no loss (and do not count as target
     tokens), the LLaRA/CoLLM projector stays frozen, and the schedule decays over 16x the steps."""
-    from tca.llm import encode
-    from tca.losses import make_labels, position_losses
+    from tca.llm.model import encode
+    from tca.llm.losses import make_labels, position_losses
     from tca.ragged import ragged_index
-    from tca.train import QUIRK_SCHEDULE, QUIRK_UNSUPERVISED, batch_loss
+    from tca.llm.train import QUIRK_SCHEDULE, QUIRK_UNSUPERVISED, batch_loss
 
     cfg = replace(BASE, loss="ntp", reference_quirks=True, warmup_ratio=0.1)
     torch.manual_seed(0)
@@ -492,7 +492,7 @@ def test_reference_quirks_reproduce_the_authors_training(world, tiny_model_dir, 
 
 
 def head_of(model, inputs, labels):
-    from tca.llm import head_logits, target_hidden
+    from tca.llm.model import head_logits, target_hidden
 
     return head_logits(model, target_hidden(model, inputs), labels.columns)
 
@@ -560,7 +560,7 @@ def test_a_training_micro_batch_never_reads_back_from_the_device(world, tiny_mod
 
 
 def test_prefetch_returns_results_in_order_raises_errors_and_stops_early():
-    from tca.prefetch import Prefetch
+    from tca.llm.prefetch import Prefetch
 
     with Prefetch(lambda x: x * x, range(50), depth=2) as squares:
         assert list(squares) == [x * x for x in range(50)] and list(squares) == []

@@ -11,7 +11,7 @@ from pipeline.context import StageContext
 from pipeline.stages import trie as trie_stage
 from tca.errors import TcaError
 from tca.ragged import pad
-from tca.trie import Trie, build_trie, target_ids
+from tca.collab.trie import Trie, build_trie, target_ids
 
 EOS = 2
 

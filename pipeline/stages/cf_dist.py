@@ -15,7 +15,7 @@ import polars as pl
 from pipeline.context import StageContext
 from tca.errors import TcaError
 from tca.sid import SID_BACKBONES
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 BATCH = 256  # samples per CF scoring + kernel call; bounds memory with the writer's shard buffers
 COLUMNS = ["sample_id", "history", "item_id"]
@@ -23,7 +23,7 @@ TOP = 5  # tokens shown per position by inspect
 
 
 def check_params(params: dict) -> None:
-    from tca.collab import CollabConfig
+    from tca.collab.tokenizer import CollabConfig
 
     from pipeline.stages.data import resolve_exclude_history
 
@@ -34,8 +34,8 @@ def check_params(params: dict) -> None:
 def run(ctx: StageContext) -> None:
     # heavy (torch, numba, zarr): imported when the stage runs, not by `tca status`
     from tca.cf import load_checkpoint
-    from tca.collab import CollabConfig, stream_token_dist
-    from tca.collab_store import DistWriter
+    from tca.collab.tokenizer import CollabConfig, stream_token_dist
+    from tca.collab.store import DistWriter
 
     from pipeline.stages.data import resolve_exclude_history
 
@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> None:
 
 def merge(ctx: StageContext, shards: list[Path]) -> None:
     """The shards' stores, in order, as one dist.zarr."""
-    from tca.collab_store import merge_stores
+    from tca.collab.store import merge_stores
 
     report(ctx, merge_stores([shard / "dist.zarr" for shard in shards], ctx.out / "dist.zarr"), f" (merged from {len(shards)} shards)")
 
@@ -90,7 +90,7 @@ def inspect(artifact: Path, params: dict) -> str:
     """Sizes and settings, then the first sample: at each position, the prefix, its top tokens and the gold one with q_t."""
     from transformers import AutoTokenizer
 
-    from tca.collab_store import DistReader
+    from tca.collab.store import DistReader
 
     reader = DistReader(artifact / "dist.zarr")
     a = reader.attrs

@@ -3,7 +3,7 @@ writes predictions.parquet (ranked item ids and scores per sample) and metrics.j
 and the CF model's metrics on the same samples, collaborative consistency, decode throughput).
 
 `--shard i/n` decodes a contiguous range of the samples; `merge` concatenates the shards' ranked
-lists and scores them as one run does (`tca.evaluate.score_lists`), so the metrics are the same."""
+lists and scores them as one run does (`tca.llm.evaluate.score_lists`), so the metrics are the same."""
 from __future__ import annotations
 
 import json
@@ -22,9 +22,9 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
     (LLaRA, CoLLM: `adapter/hybrid.json`) gets its CF slots filled by `cf` (default: the cf stage's)."""
     from pipeline.stages.train import load_builder, read_format
     from tca.cf.registry import load_checkpoint
-    from tca.hybrid_prompt import RECORD, HybridPrompt
-    from tca.llm import load_model, use_bf16
-    from tca.trie import Trie
+    from tca.llm.hybrid_prompt import RECORD, HybridPrompt
+    from tca.llm.model import load_model, use_bf16
+    from tca.collab.trie import Trie
 
     adapter = artifacts / "train" / "adapter"  # none (the base model) when train has not run
     fmt = read_format(adapter) if adapter.is_dir() else {"packing": "none", "finetune": "lora"}
@@ -50,8 +50,8 @@ def eval_config(params: dict, data_dir: Path | None):
 
     from pipeline.stages.data import resolve_exclude_history
     from tca.errors import TcaError
-    from tca.evaluate import EvalConfig
-    from tca.train import TrainConfig
+    from tca.llm.evaluate import EvalConfig
+    from tca.llm.train import TrainConfig
 
     section = dict(params["eval"])
     split = section.pop("split", "test")
@@ -73,7 +73,7 @@ def popularity_counts(data_dir: Path):
 
 
 def check_params(params: dict) -> None:
-    from tca.prompt import PromptConfig
+    from tca.llm.prompt import PromptConfig
 
     eval_config(params, None)
     PromptConfig(**params["prompt"])
@@ -81,7 +81,7 @@ def check_params(params: dict) -> None:
 
 def run(ctx: StageContext) -> None:
     from tca.cf.registry import load_checkpoint
-    from tca.evaluate import evaluate
+    from tca.llm.evaluate import evaluate
 
     cfg, split = eval_config(ctx.params, ctx.input("data"))
     samples = read_samples(ctx, split)
@@ -106,7 +106,7 @@ def evaluate_sid(ctx: StageContext, samples, cfg, cf, split: str, shard: str):
     """tiger / letter: the T5 of the train stage, beam search over the SID trie, the same metrics (under "llm")."""
     import time
 
-    from tca.evaluate import score_lists
+    from tca.llm.evaluate import score_lists
     from tca.sid.seq2seq import recommend_sids
 
     model, items, trie, record = load_sid_recommender(ctx.artifacts, ctx.device)
@@ -127,7 +127,7 @@ def load_sid_recommender(artifacts: Path, device: str):
     from transformers import T5ForConditionalGeneration
 
     from tca.sid.seq2seq import SidItems
-    from tca.trie import Trie
+    from tca.collab.trie import Trie
 
     adapter = artifacts / "train" / "adapter"
     record = json.loads((adapter / SID_RECORD).read_text())
@@ -143,7 +143,7 @@ def merge(ctx: StageContext, shards: list[Path]) -> None:
 
     from tca.cf.registry import load_checkpoint
     from tca.errors import TcaError
-    from tca.evaluate import read_lists, score_lists
+    from tca.llm.evaluate import read_lists, score_lists
 
     cfg, split = eval_config(ctx.params, ctx.input("data"))
     samples = read_samples(ctx, split)

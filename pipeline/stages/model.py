@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from pipeline.context import StageContext
-from tca import base_model  # light: no torch (see its docstring)
+from tca.llm import base_model  # light: no torch (see its docstring)
 from tca.errors import TcaError
 
 SAMPLE_TITLE = "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001)"

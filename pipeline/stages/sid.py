@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> None:
     from tca.cf import load_checkpoint
     from tca.sid.letter import train_letter
     from tca.sid.rqvae import SidConfig, semantic_ids, sid_targets, train_rqvae, vocab_size
-    from tca.trie import build_trie
+    from tca.collab.trie import build_trie
 
     cfg = SidConfig.from_params(ctx.section("sid"))
     for name in SID_BACKBONES:

@@ -8,7 +8,7 @@ identity of its inputs, outside the runner's temporary output dir (which a rerun
 after an interruption resumes there with the same params and inputs. It is removed on success.
 
 Under torchrun / accelerate launch every rank runs this with the same params (DISTRIBUTED): each
-trains on its share of every step's samples (see `tca.train`) and only rank 0 writes the checkpoint
+trains on its share of every step's samples (see `tca.llm.train`) and only rank 0 writes the checkpoint
 dir and `ctx.out`; the runner keeps rank 0's outputs only.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ INPUTS = ("model/config.json", "subset/train.parquet", "subset/valid.parquet", "
 
 def resume_dir(ctx: StageContext) -> Path:
     """Where an interrupted run with these params and inputs left its checkpoint."""
-    from tca.base_model import weight_files
+    from tca.llm.base_model import weight_files
 
     stats = {}
     weights = [path.relative_to(ctx.artifacts).as_posix() for path in weight_files(ctx.artifacts / "model")]
@@ -49,8 +49,8 @@ def load_builder(artifacts: Path, params: dict, packing: str, slots: tuple = ())
     import polars as pl
     from transformers import AutoTokenizer
 
-    from tca.llm import ItemTargets
-    from tca.prompt import PromptBuilder, PromptConfig
+    from tca.llm.model import ItemTargets
+    from tca.llm.prompt import PromptBuilder, PromptConfig
 
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
     items = pl.read_parquet(artifacts / "data" / "items.parquet", columns=["item_id", "title"]).sort("item_id")
@@ -66,13 +66,13 @@ def load_builder(artifacts: Path, params: dict, packing: str, slots: tuple = ())
 
 def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None, device: str = "cpu"):
     """The Batcher (prompts, targets, trie, q; `hybrid`: CF slots) of the train stage from the upstream artifacts.
-    On a CPU, with the sdpa models, per-sample micro-batches run unpadded (`tca.packing.unpad`: measured
+    On a CPU, with the sdpa models, per-sample micro-batches run unpadded (`tca.llm.packing.unpad`: measured
     faster there, bench/train_step.py); a GPU keeps padded batches for its fused attention kernels."""
     import torch
 
-    from tca.collab_store import DistReader
-    from tca.train import Batcher
-    from tca.trie import Trie
+    from tca.collab.store import DistReader
+    from tca.llm.train import Batcher
+    from tca.collab.trie import Trie
 
     builder, targets, tokenizer = load_builder(artifacts, params, cfg.packing, () if hybrid is None else hybrid.slots)
     trie = Trie.load(artifacts / "trie" / "trie.npz")
@@ -89,10 +89,10 @@ def read_format(adapter: Path) -> dict:
 
 def check_params(params: dict) -> None:
     """Every section the stage reads, as the typed configs `run` builds."""
-    from tca.llm import LoraSettings
-    from tca.prompt import PromptConfig
+    from tca.llm.model import LoraSettings
+    from tca.llm.prompt import PromptConfig
     from tca.sid.seq2seq import Seq2SeqConfig
-    from tca.train import TrainConfig
+    from tca.llm.train import TrainConfig
 
     from pipeline.stages.data import resolve_exclude_history
 
@@ -107,12 +107,12 @@ def run(ctx: StageContext) -> None:
     import polars as pl
     import torch
 
-    from tca import ddp
+    from tca.llm import ddp
     from tca.cf.registry import load_checkpoint
-    from tca.hybrid_prompt import SLOTS, HybridPrompt
-    from tca.llm import LoraSettings, load_model, use_bf16
+    from tca.llm.hybrid_prompt import SLOTS, HybridPrompt
+    from tca.llm.model import LoraSettings, load_model, use_bf16
     from tca.sid import SID_BACKBONES
-    from tca.train import TrainConfig, Trainer
+    from tca.llm.train import TrainConfig, Trainer
 
     world = ddp.World.from_env()
     log = ctx.log if world.main else (lambda msg: None)
@@ -166,12 +166,12 @@ def train_sid(ctx: StageContext, cfg) -> None:
     import polars as pl
 
     from pipeline.stages.data import resolve_exclude_history
-    from tca.collab_store import DistReader
+    from tca.collab.store import DistReader
     from tca.data.subset import draw
-    from tca.evaluate import EvalConfig
+    from tca.llm.evaluate import EvalConfig
     from tca.sid.rqvae import vocab_size
     from tca.sid.seq2seq import Seq2SeqConfig, SidBatcher, SidItems, SidValidation, build_model, train_seq2seq
-    from tca.trie import Trie
+    from tca.collab.trie import Trie
 
     s2s = Seq2SeqConfig.from_params(ctx.section("seq2seq"))
     table = pl.read_parquet(ctx.input("trie") / "items.parquet")
@@ -209,7 +209,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     from safetensors import safe_open
 
-    from tca.hybrid_prompt import PROJECTOR, RECORD
+    from tca.llm.hybrid_prompt import PROJECTOR, RECORD
 
     if (artifact_dir / "adapter" / SID_RECORD).exists():
         record = json.loads((artifact_dir / "adapter" / SID_RECORD).read_text())

@@ -11,11 +11,11 @@ import polars as pl
 
 from pipeline.context import StageContext
 from tca.sid import SID_BACKBONES
-from tca.trie import Trie, build_trie, target_ids
+from tca.collab.trie import Trie, build_trie, target_ids
 
 
 def check_params(params: dict) -> None:
-    from tca.prompt import PromptConfig
+    from tca.llm.prompt import PromptConfig
 
     PromptConfig(**params["prompt"])
 

@@ -2,9 +2,9 @@
 
 The encoder reads the SIDs of the history's items (oldest first, the last `max_history` items,
 left-padded); the decoder generates the next item's SID, one code per step, and is trained with the
-per-position losses of `tca.losses` on its logits (plain NTP, or TCA's soft NTP with q_t from the
+per-position losses of `tca.llm.losses` on its logits (plain NTP, or TCA's soft NTP with q_t from the
 collaborative tokenizer run on the SID trie). Decoding is the shared trie-constrained beam search
-(`tca.decode.search`) over the SID trie, so every list holds valid items only.
+(`tca.llm.decode.search`) over the SID trie, so every list holds valid items only.
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from tca.cf.base import pad_histories
-from tca.collab_store import DistReader
+from tca.collab.store import DistReader
 from tca.config import check_keys
-from tca.decode import DeviceTrie, excluded_rows, ranked_items, search
+from tca.llm.decode import DeviceTrie, excluded_rows, ranked_items, search
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, score_lists
-from tca.losses import Labels, LossConfig, make_labels, position_losses
+from tca.llm.evaluate import EvalConfig, score_lists
+from tca.llm.losses import Labels, LossConfig, make_labels, position_losses
 from tca.sid.rqvae import PAD
-from tca.train import linear_schedule
-from tca.trie import Trie
+from tca.llm.train import linear_schedule
+from tca.collab.trie import Trie
 
 
 @dataclass(frozen=True)

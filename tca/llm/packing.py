@@ -26,9 +26,9 @@ import polars as pl
 import torch
 
 from tca.errors import TcaError
-from tca.llm import Inputs
-from tca.packed_attention import key_blocks
-from tca.prompt import PromptBuilder
+from tca.llm.model import Inputs
+from tca.llm.packed_attention import key_blocks
+from tca.llm.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
 
 PACKINGS = ("none", "items")
@@ -167,13 +167,13 @@ def concatenate(rows: PackedRows) -> PackedRows:
 
 def as_inputs(rows: PackedRows) -> Inputs:
     """Concatenated rows as model inputs, with their mask in both forms: chunked for the sdpa models
-    (`tca.packed_attention`), dense for the others."""
+    (`tca.llm.packed_attention`), dense for the others."""
     return Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len,
                   window_mask=rows.mask, key_blocks=key_blocks(rows.mask), position_ids=rows.position_ids)
 
 
 def unpad(inputs: Inputs) -> Inputs:
-    """Right-padded per-sample prompts (`tca.llm.encode`) end to end as one sequence, each under its own
+    """Right-padded per-sample prompts (`tca.llm.model.encode`) end to end as one sequence, each under its own
     causal mask: the model reads no padding, and block attention's backward is cheaper on a CPU than
     SDPA's over a padded [B, T, T] mask (bench/train_step.py). Same logits at every target."""
     B, T = inputs.input_ids.shape

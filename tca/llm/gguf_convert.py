@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tca.base_model import Log, silent
+from tca.llm.base_model import Log, silent
 from tca.errors import TcaError
 
 # Strings the converted tokenizer must round-trip: titles with years, accents, punctuation,

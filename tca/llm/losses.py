@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tca.collab_store import SoftLabels
+from tca.collab.store import SoftLabels
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, pad
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 LOSSES = ("tca", "kl", "ntp")
 

@@ -13,15 +13,15 @@ import pyarrow as pa
 import torch
 
 from tca.cf.base import CFModel, pad_histories, score_samples
-from tca.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
+from tca.llm.decode import DeviceTrie, beam_search, excluded_rows, ranked_items
 from tca.config import check_keys
 from tca.errors import TcaError
-from tca.hybrid_prompt import HybridPrompt
-from tca.llm import PRECISIONS
+from tca.llm.hybrid_prompt import HybridPrompt
+from tca.llm.model import PRECISIONS
 from tca.metrics import KS, bootstrap_interval, list_ranks, per_sample_metrics, ranking_metrics, target_ranks
-from tca.prompt import PromptBuilder
+from tca.llm.prompt import PromptBuilder
 from tca.ragged import pad
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 CF_BATCH = 1024
 
@@ -35,7 +35,7 @@ class EvalConfig:
     renormalize: bool = False  # log-probs of a softmax over the trie children only (the right choice for MSL)
     batch_size: int | str = "auto"  # samples per beam search (num_beams rows each); auto: `batch_on` the device
     exclude_history: bool = False  # no sample is recommended an item of its history (the LLM's lists and the CF / popularity ranks)
-    precision: str = "auto"  # the merged model's weights: auto (bf16 where supported, `tca.llm.use_bf16`) | bf16 | fp32
+    precision: str = "auto"  # the merged model's weights: auto (bf16 where supported, `tca.llm.model.use_bf16`) | bf16 | fp32
     tau: float = 1.0  # temperature of the renormalized softmax: not an eval param, the model's (LossConfig.decode_tau)
 
     @classmethod

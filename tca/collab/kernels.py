@@ -1,7 +1,7 @@
 """Numba kernels (the only ones in tca/): the per-sample walk of the collaborative tokenizer.
 
 Both kernels take numpy arrays and return or fill numpy arrays, `prange` over (chunks of) samples. The trie
-is passed as its CSR arrays (see tca/trie.py); sample b's gold item sits at row rank[b] of the
+is passed as its CSR arrays (see tca/collab/trie.py); sample b's gold item sits at row rank[b] of the
 sorted items, so its path is found by descending into the child whose range holds that row.
 CF scores arrive in that sorted order too (column j = item item_order[j]), so every pass over a
 sample's scores is a contiguous, vectorized sweep rather than a gather.

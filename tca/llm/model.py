@@ -1,7 +1,7 @@
 """The LLM side of training: loading the base (+ LoRA), prompt + target ids as model inputs, and the
 forward that applies the LM head only where a loss is taken.
 
-Prompts come from `tca.prompt.PromptBuilder` and targets (title + EOS) from the `trie` stage; they
+Prompts come from `tca.llm.prompt.PromptBuilder` and targets (title + EOS) from the `trie` stage; they
 are joined as ids, never as text, so the trained ids are exactly the trie's paths. Batches are
 right-padded: a causal model's real tokens never attend to the padding after them.
 """
@@ -16,9 +16,9 @@ import torch
 
 from tca.config import check_keys
 from tca.errors import TcaError
-from tca.hybrid_prompt import PROJECTOR, Projector, input_embeds
-from tca.packed_attention import NAME as PACKED_SDPA, KeyBlocks
-from tca.prompt import PromptBuilder
+from tca.llm.hybrid_prompt import PROJECTOR, Projector, input_embeds
+from tca.llm.packed_attention import NAME as PACKED_SDPA, KeyBlocks
+from tca.llm.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
 
 
@@ -85,8 +85,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     - `adapter_dir`, `lora`, `merge`, `cf_dim`: see `prepare`.
     - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
     - `attention`: transformers' attention implementation for training and prompts (`ATTENTION`);
-      `sdpa` loads as `tca.packed_attention`'s (SDPA that also runs packed rows block-locally);
-      the beam search swaps in its own (`tca.beam_attention`) while it decodes.
+      `sdpa` loads as `tca.llm.packed_attention`'s (SDPA that also runs packed rows block-locally);
+      the beam search swaps in its own (`tca.llm.beam_attention`) while it decodes.
     On CUDA, fp32 matmuls (the LoRA weights, an fp32 model) run on TF32 tensor cores.
     """
     from transformers import AutoModelForCausalLM
@@ -111,7 +111,7 @@ def prepare(model, adapter_dir: Path | None = None, lora: LoraSettings | None = 
     - `adapter_dir`: a saved LoRA adapter on top (for inference; `merge=True` folds it into the weights).
     - `lora`: a fresh trainable LoRA instead (for training; seed torch first for a reproducible init).
     - `cf_dim`: the model also carries the hybrid prompts' projector from CF vectors of this size
-      (`tca.hybrid_prompt`), trained, saved and loaded with the LoRA weights (peft's `modules_to_save`).
+      (`tca.llm.hybrid_prompt`), trained, saved and loaded with the LoRA weights (peft's `modules_to_save`).
     Only the LoRA weights (and the projector) are trainable in the returned peft model; they stay fp32
     (peft's default), so train under `torch.autocast(..., dtype=torch.bfloat16)` when the model is bf16.
     """
@@ -168,9 +168,9 @@ class Inputs:
     target_len: np.ndarray  # int64 [B]
     slot: torch.Tensor | None = None  # int64 [B, T], hybrid prompts: item id at an item slot, -1 at the user slot, else 0
     slot_vectors: torch.Tensor | None = None  # float [S, d]: the CF vector of each slot, row-major (HybridPrompt.fill)
-    window_mask: torch.Tensor | None = None  # bool [B, 1, T, T], packed rows (tca.packing): query t may attend key s
-    key_blocks: KeyBlocks | None = None  # the window mask by query chunks (tca.packed_attention), for the sdpa models
-    position_ids: torch.Tensor | None = None  # int64 [B, T], packed rows concatenated into one sequence (tca.packing.concatenate)
+    window_mask: torch.Tensor | None = None  # bool [B, 1, T, T], packed rows (tca.llm.packing): query t may attend key s
+    key_blocks: KeyBlocks | None = None  # the window mask by query chunks (tca.llm.packed_attention), for the sdpa models
+    position_ids: torch.Tensor | None = None  # int64 [B, T], packed rows concatenated into one sequence (tca.llm.packing.concatenate)
 
     @property
     def n_tokens(self) -> int:

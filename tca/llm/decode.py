@@ -8,7 +8,7 @@ step (the 2K best candidates per sample; a title that ends there counts only if 
 top K; the K best unfinished ones go on; finished titles are ranked by score / length ** length_penalty;
 HF's default early-stopping rule), so its lists equal `generate` with a prefix-allowed-tokens
 function. It is cheaper than `generate` because each prompt is encoded and stored once, not once per
-beam (tca.beam_attention), and (on a CPU) finished samples and dead beams leave the batch.
+beam (tca.llm.beam_attention), and (on a CPU) finished samples and dead beams leave the batch.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tca.beam_attention import BeamKV, switched_to
-from tca.hybrid_prompt import input_embeds
-from tca.prompt import Prompts
+from tca.llm.beam_attention import BeamKV, switched_to
+from tca.llm.hybrid_prompt import input_embeds
+from tca.llm.prompt import Prompts
 from tca.ragged import concat_ranges, pad
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 NEG_INF = float("-inf")
 

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the LLM recommender with the losses of `tca.losses` (TallRec, MSL, +TCA, ablations).
+"""LoRA fine-tuning of the LLM recommender with the losses of `tca.llm.losses` (TallRec, MSL, +TCA, ablations).
 
 One optimizer step = `grad_accum` micro-batches of `micro_batch` samples; each micro-batch's summed
 position losses are divided by the target tokens of the whole step before backward, so the
@@ -12,16 +12,16 @@ RNG, validation history), `adapter/` (the best adapter so far, peft `save_pretra
 `log.jsonl`. Calling `train` again on the same work dir resumes from the last checkpoint and
 continues exactly as the uninterrupted run would have (same data order, same dropout draws).
 
-The loop never waits on the accelerator between log lines: a background thread (`tca.prefetch`)
+The loop never waits on the accelerator between log lines: a background thread (`tca.llm.prefetch`)
 builds the next micro-batches (pinned, copied without blocking, on CUDA) while the current one runs,
 and the loss stays on the device until it is logged. With `bucketing`, each micro-batch takes
 samples of similar length (less padding); the order is still a function of (seed, epoch).
 
-Packed training (`packing: items`, `tca.packing`): the units of the epoch's order, of a micro-batch
+Packed training (`packing: items`, `tca.llm.packing`): the units of the epoch's order, of a micro-batch
 and of a step are packed rows of a user's consecutive samples instead of samples; everything else
 (loss normalization by target tokens, schedule, validation, resume, DDP) is the same.
 
-Data parallel (`world`, see `tca.ddp`): an optimizer step takes `micro_batch x grad_accum x world.size`
+Data parallel (`world`, see `tca.llm.ddp`): an optimizer step takes `micro_batch x grad_accum x world.size`
 samples of the epoch's order; its k-th micro-batch of `micro_batch x world.size` samples is cut into
 one contiguous piece per rank, and the summed gradients are all-reduced before the step, so N ranks
 train exactly as one process with N times the micro-batch (same schedule, same loss normalization).
@@ -43,22 +43,22 @@ import numpy as np
 import polars as pl
 import torch
 
-from tca import ddp
-from tca.collab_store import DistReader
+from tca.llm import ddp
+from tca.collab.store import DistReader
 from tca.errors import TcaError
-from tca.evaluate import EvalConfig, recommend, score_lists
-from tca.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
-from tca.llm import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
-from tca.losses import Labels, LossConfig, make_labels, position_losses
-from tca.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, unpad
-from tca.prefetch import Prefetch
-from tca.prompt import PromptBuilder
+from tca.llm.evaluate import EvalConfig, recommend, score_lists
+from tca.llm.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
+from tca.llm.model import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
+from tca.llm.losses import Labels, LossConfig, make_labels, position_losses
+from tca.llm.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, unpad
+from tca.llm.prefetch import Prefetch
+from tca.llm.prompt import PromptBuilder
 from tca.ragged import ragged_index
 from tca.sid import SID_BACKBONES
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 FINETUNES = ("lora", "full")
-BACKBONES = ("tallrec", "msl", *SLOTS, *SID_BACKBONES)  # llara, collm: CF embeddings in the prompt (tca.hybrid_prompt); tiger, letter: tca.sid
+BACKBONES = ("tallrec", "msl", *SLOTS, *SID_BACKBONES)  # llara, collm: CF embeddings in the prompt (tca.llm.hybrid_prompt); tiger, letter: tca.sid
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class TrainConfig:
     seed: int = 42
     curriculum_start: float = 0.0  # llara: share of the steps after which hybrid prompts start replacing text-only ones
     curriculum_end: float = 1.0  # llara: share of the steps from which every prompt is hybrid
-    packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.packing)
+    packing: str = "none"  # none: one prompt per sample (the paper's format) | items: a user's items packed in rows (tca.llm.packing)
     pack_targets: int = 60  # items: targets per packed row (a row is then ~data.history_len + pack_targets items)
     bucketing: bool = True  # packing none: micro-batches of similar-length prompts (less padding); packed rows keep their order
     grad_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant): memory for 8B models / long rows
@@ -147,7 +147,7 @@ class Batcher:
     def __init__(self, builder: PromptBuilder, targets: ItemTargets, trie: Trie, dist: DistReader | None,
                  cfg: LossConfig, max_len: int, pad_id: int, hybrid: HybridPrompt | None = None, unpadded: bool = False):
         """`hybrid`: the CF slots of LLaRA / CoLLM prompts (`builder` then has those slots). `unpadded`: a
-        micro-batch of per-sample prompts is one sequence without padding (`tca.packing.unpad`; prompts
+        micro-batch of per-sample prompts is one sequence without padding (`tca.llm.packing.unpad`; prompts
         with CF slots stay padded), for a model whose attention reads its chunked mask (sdpa)."""
         if cfg.uses_q and dist is None:
             raise TcaError(f"train.loss={cfg.loss} needs q from the cf_dist stage")
@@ -180,7 +180,7 @@ class Batcher:
         return self.builder.lengths(hist, hist_len) + target_len
 
     def packed(self, samples: pl.DataFrame, windows: Windows) -> tuple[Inputs, Labels]:
-        """Packed rows (`tca.packing`) of these windows over `samples`; q of each target from its sample's rows."""
+        """Packed rows (`tca.llm.packing`) of these windows over `samples`; q of each target from its sample's rows."""
         rows = concatenate(encode_windows(self.builder, windows, self.pad_id))
         inputs = as_inputs(rows)
         soft = self.dist.read(samples["sample_id"].to_numpy()[rows.sample]) if self.cfg.uses_q else None

@@ -9,7 +9,7 @@ A slot's input embedding is projector(CF vector): the frozen CF model gives the 
 of its item table, one `encode_users` per batch), a trained MLP maps them to the LLM's hidden
 size, and a masked scatter writes them over the placeholders' token embeddings, for the whole
 batch at once. The projector is attached to the LLM as `cf_projector` and listed in peft's
-`modules_to_save` (`tca.llm.load_model(cf_dim=...)`), so it is trained, checkpointed, saved in
+`modules_to_save` (`tca.llm.model.load_model(cf_dim=...)`), so it is trained, checkpointed, saved in
 the adapter file and merged like the LoRA weights; `save`/`load` here record which backbone
 (slot layout) and which CF model it was trained with.
 
@@ -80,7 +80,7 @@ class HybridPrompt:
         return vectors
 
     def fill(self, inputs, histories: pl.Series, progress: float = 1.0):
-        """A training batch (`tca.llm.Inputs` with its slot map) with its slots' CF vectors; before the
+        """A training batch (`tca.llm.model.Inputs` with its slot map) with its slots' CF vectors; before the
         curriculum's end, each sample is text-only (its slots masked out) with probability 1 - ratio,
         drawn from torch's RNG (which training checkpoints restore)."""
         mask, ratio = inputs.attention_mask, self.ratio(progress)

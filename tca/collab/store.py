@@ -19,10 +19,10 @@ import zarr
 
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, pad, ragged_index
-from tca.trie import Trie
+from tca.collab.trie import Trie
 
 if TYPE_CHECKING:  # the reader (imported by the trainer) needs neither the kernels nor numba
-    from tca.collab import TokenDist
+    from tca.collab.tokenizer import TokenDist
 
 CHUNK = 1 << 15  # elements per chunk: the unit a random batch read decompresses
 SHARD = 1 << 21  # elements per shard (file): the unit the writer writes at once

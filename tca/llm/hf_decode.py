@@ -1,5 +1,5 @@
 """The paper's code's decoding: Hugging Face `generate` with a Python prefix-allowed-tokens function
-that walks a dict trie of the items' target ids. Kept as the reference `tca.decode` is checked
+that walks a dict trie of the items' target ids. Kept as the reference `tca.llm.decode` is checked
 against (same lists) and measured against (bench/decode.py); the pipeline never uses it.
 """
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tca.prompt import Prompts
+from tca.llm.prompt import Prompts
 from tca.ragged import pad
 
 

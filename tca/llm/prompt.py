@@ -4,13 +4,13 @@ Every prompt is `head, item(h_1), sep, item(h_2), ..., sep, item(h_k), tail`: th
 and each item's quoted title are tokenized once, and a batch of prompts is assembled by
 gathering piece ranges (no tokenizer call and no Python loop per sample). Training, validation,
 evaluation and `tca recommend` all build prompts here, so the ids the LLM sees never differ
-between them; targets (`tca.trie.target_ids`) are appended as ids, never as text.
+between them; targets (`tca.collab.trie.target_ids`) are appended as ids, never as text.
 
 Every prompt starts with the tokenizer's BOS where the tokenizer itself puts one before a text
 (Llama-3's `<|begin_of_text|>`: the models saw it first in pretraining); a tokenizer that declares a
 BOS but never adds it (SmolLM2's `<|im_start|>`, a chat-role marker) or has none (Qwen2.5) gets none.
 
-Hybrid prompts (LLaRA, CoLLM: `tca.hybrid_prompt`) add CF embedding slots to the same template: a
+Hybrid prompts (LLaRA, CoLLM: `tca.llm.hybrid_prompt`) add CF embedding slots to the same template: a
 slot is a placeholder token that ends an item's piece (after its title) or sits in the tail (the
 user), so `build` and `fit` count and place slots like any other token.
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 from tca.errors import TcaError
 from tca.ragged import concat_ranges, ragged_index
-from tca.trie import template_parts
+from tca.collab.trie import template_parts
 
 SLOTS = ("item", "user")
 USER_SLOT_TEXT = "\nUser preference feature: "  # CoLLM's wording: the user's preferences "encoded in the feature"
@@ -92,9 +92,9 @@ class PromptBuilder:
                  targets: list | None = None):
         """`titles[i]` is the title of item id i (index 0, the padding item, is never used). `slots`:
         "item" puts a CF slot after each history title, "user" one after the history (their ids are
-        `pad_id`'s; `tca.hybrid_prompt` replaces their input embeddings).
+        `pad_id`'s; `tca.llm.hybrid_prompt` replaces their input embeddings).
 
-        `targets` (the items format of packed training, `tca.packing`): `targets[i]` is item i's
+        `targets` (the items format of packed training, `tca.llm.packing`): `targets[i]` is item i's
         target ids (title + EOS, as the trie has them); every history item is then written as its target
         ids, one per line, and the prompt ends with the line break a generated item follows, so a
         prompt reads exactly like the start of a packed row."""

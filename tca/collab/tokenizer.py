@@ -18,8 +18,8 @@ import torch
 from tca.cf import CFModel, pad_histories
 from tca.cf.base import score_samples
 from tca.errors import TcaError
-from tca.kernels import count_entries, fill_entries
-from tca.trie import Trie
+from tca.collab.kernels import count_entries, fill_entries
+from tca.collab.trie import Trie
 
 CF_SOURCES = ("model", "uniform")
 
