@@ -103,3 +103,15 @@ def test_cli_run_and_status_take_params(tmp_path, monkeypatch):
     assert "param a.n: 7 -> 1" in runner.invoke(cli.main, ["status"]).output
     result = runner.invoke(cli.main, ["run", "--params", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_quick_preset_resolves_and_caps_every_trainer():
+    """params/quick.yaml names known params only and bounds each trainer's length (the LLM's steps, the
+    CF model's epochs, the SID models' epochs), so a smoke run of any backbone stays short."""
+    params = Project(REPO, params_file=REPO / "params" / "quick.yaml").params
+    defaults = Project(REPO).params
+    assert params["train"]["max_steps"] < defaults["train"]["max_steps"]
+    assert params["cf"]["max_epochs"] < defaults["cf"]["max_epochs"]
+    assert params["sid"]["epochs"] < defaults["sid"]["epochs"]
+    assert params["seq2seq"]["epochs"] < defaults["seq2seq"]["epochs"]
+    assert params["seq2seq"]["valid_samples"] < defaults["seq2seq"]["valid_samples"]
