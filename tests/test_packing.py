@@ -300,6 +300,20 @@ def test_key_blocks_hold_exactly_the_keys_the_mask_allows(world):
             assert seen.tolist() == torch.nonzero(mask[b, q]).squeeze(1).tolist()
 
 
+def assert_same_losses_and_gradients(model, padded: Inputs, joined: Inputs, labels, cfg: LossConfig) -> None:
+    """The per-position losses and every trainable gradient of the two layouts of one micro-batch agree."""
+    results = []
+    for inputs in (padded, joined):
+        model.zero_grad(set_to_none=True)
+        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+        losses.sum().backward()
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1]
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
     """A micro-batch's rows run end to end as one unpadded sequence: every target's loss and the
     gradients are those of the right-padded batch of rows (no token attends across rows; positions
@@ -316,15 +330,7 @@ def test_concatenated_rows_equal_the_padded_rows(world, tiny_llama, tmp_path):
     batcher = Batcher(world["builder"], world["targets"], world["trie"], None, cfg, 512, world["pad"])
     joined, labels = batcher.packed(samples, windows)
     assert joined.input_ids.shape == (1, rows.lengths.sum())
-    results = []
-    for inputs in (padded, joined):
-        model.zero_grad(set_to_none=True)
-        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
-        losses.sum().backward()
-        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    for name in results[0][1]:
-        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
+    assert_same_losses_and_gradients(model, padded, joined, labels, cfg)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -342,16 +348,7 @@ def test_unpadded_micro_batches_equal_the_padded_ones(world, tiny_llama, tmp_pat
     torch.testing.assert_close(joined.target, padded.target)
     torch.testing.assert_close(joined_labels.gold, labels.gold)
     model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0), attention=attention)
-    results = []
-    for inputs in (padded, joined):
-        model.zero_grad(set_to_none=True)
-        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
-        losses.sum().backward()
-        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    assert results[0][1]
-    for name in results[0][1]:
-        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6)
+    assert_same_losses_and_gradients(model, padded, joined, labels, cfg)
 
 
 def test_device_copies_reach_the_key_blocks(world):
