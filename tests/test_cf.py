@@ -294,6 +294,37 @@ def test_last_objective_epoch_trains_on_every_train_sample_once(frames):
     assert keyed(**rows) == keyed(train.history, train.target, train.user)
 
 
+def test_prefixes_add_each_users_first_items_as_targets_and_nothing_else(frames, monkeypatch):
+    """cf.prefixes: train_cf trains SASRec (objective last) on every train sample plus, per user,
+    (h[:k] -> h[k]) of the earliest train sample's history h, left-padded: brute force below.
+    Nothing from valid or test enters; objective all (windows) ignores it."""
+    df = frames["train"]
+    expected = [(u, tuple(r), t) for u, r, t in zip(df["user_id"], df["history"].to_list(), df["item_id"])]
+    for u, h in df.sort("timestamp").group_by("user_id", maintain_order=True).first().select("user_id", "history").iter_rows():
+        expected += [(u, tuple([0] * (HIST - k) + h[:k]), h[k]) for k in range(1, len(h))]
+    seen = []
+
+    def record(model, batch):
+        seen.append(batch)
+        return model.encode_users(batch["history"]).sum()
+
+    monkeypatch.setattr(resolve("sasrec"), "calculate_loss", record)
+    train, valid = (Samples.from_frame(frames[s], HIST) for s in ("train", "valid"))
+    train_cf(tiny(prefixes=True, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    got = [(u, tuple(h), t) for b in seen for u, h, t in zip(b["user"].tolist(), b["history"].tolist(), b["target"].tolist())]
+    assert sorted(got) == sorted(expected)
+    assert len(got) == len(train) + df["user_id"].n_unique() * (HIST - 1)
+    seen.clear()
+    train_cf(tiny(prefixes=False, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    assert sum(len(b["target"]) for b in seen) == len(train)
+    seen.clear()
+    train_cf(tiny(prefixes=True, objective="all", max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    rows = {(u, tuple(h), t) for b in seen for u, h, t in zip(b["user"].tolist(), b["history"].tolist(), b["target"].tolist())}
+    assert rows <= set(expected[: len(train)])  # windows of the train samples, no prefix
+    with pytest.raises(TcaError, match="cf.prefixes needs the train split's user_id"):
+        Samples(train.history, train.target).with_prefixes()
+
+
 def test_inner_sets_the_feed_forward_width():
     for spec, own in (("sasrec", 16), ("bert4rec", 64)):  # tiny: hidden 16
         assert build(tiny(model=spec), N_ITEMS).encoder.blocks[0].ff[0].out_features == own

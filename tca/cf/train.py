@@ -66,6 +66,28 @@ class Samples:
         phase = torch.randint(width, (), generator=generator)
         return torch.nonzero(((self.from_end + phase) % width == 0) | (self.from_end == 0)).squeeze(1)
 
+    def with_prefixes(self) -> "Samples":
+        """These samples plus, per user, the next-item samples inside their earliest sample's
+        history: (h[:k] -> h[k]) for each real h[k] after the first, left-padded.
+
+        The data stage keeps only samples with data.min_history earlier items, so a user's first
+        items are never a target; their prefixes are train interactions (earlier than the earliest
+        train target), so no valid or test interaction enters. `from_end` is dropped: the result is
+        for models that train on every sample (SASRec, cf.objective last), not on windows.
+        """
+        if self.user is None or self.from_end is None:
+            raise TcaError("cf.prefixes needs the train split's user_id and timestamp columns; rerun the data stage")
+        count = torch.bincount(self.user)
+        first = self.history[self.from_end == count[self.user] - 1]  # [U, L]: each user's earliest sample
+        users = self.user[self.from_end == count[self.user] - 1]
+        L = first.shape[1]
+        row, col = torch.nonzero(first[:, :-1] > 0, as_tuple=True)  # targets first[row, col + 1]: a real item before
+        col = col + 1
+        src = torch.arange(L)[None, :] - (L - col)[:, None]  # left-pad the col items before it to width L
+        history = torch.where(src >= 0, first[row[:, None], src.clamp(min=0)], 0)
+        return Samples(torch.cat([self.history, history]), torch.cat([self.target, first[row, col]]),
+                       None, torch.cat([self.user, users[row]]))
+
     def __len__(self) -> int:
         return len(self.target)
 
@@ -168,11 +190,14 @@ def fit(model: CFModel, train: Samples, valid: Samples, cfg: CFConfig, desc: str
 
 def train_cf(cfg: CFConfig, n_items: int, train: Samples, valid: Samples, device: str = "cpu",
              inputs: dict | None = None) -> tuple[CFModel, FitResult]:
-    """Check the data, build the model under cfg.seed, prepare it (graph, side `inputs`) and fit it on `device`."""
+    """Check the data, build the model under cfg.seed, add the train split's prefixes (cf.prefixes, for a
+    model that trains on every sample), prepare it (graph, side `inputs`) and fit it on `device`."""
     train.check(n_items, "train")
     valid.check(n_items, "valid")
     torch.manual_seed(cfg.seed)
     model = build(cfg, n_items)
+    if cfg.prefixes and model.every_sample:
+        train = train.with_prefixes()
     model.prepare(train, inputs or {})
     model = model.to(device)
     return model, fit(model, train.to(device), valid.to(device), cfg, desc=f"cf {cfg.model}/{cfg.loss}")
