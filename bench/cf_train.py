@@ -14,6 +14,7 @@ Model selection uses valid only; test is reported, never used to choose.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def main() -> None:
         print(
             f"{run}: test ndcg@10 {rows[run][1]['ndcg@10']:.4f} (valid {result.best_valid['ndcg@10']:.4f}), "
             f"{result.epochs} epochs (best {result.best_epoch}), wall {result.seconds:.1f} s, "
-            f"cpu {cpu:.1f} s, {result.seconds / result.epochs:.2f} s/epoch", flush=True
+            f"cpu {cpu:.1f} s, {result.seconds / result.epochs:.2f} s/epoch, load {os.getloadavg()[0]:.1f}", flush=True
         )
         if len(timed) < len(seeds):
             timed.append((run, result.seconds, rows[run][1]))

@@ -268,14 +268,17 @@ def test_last_objective_is_the_per_sample_ce_of_the_user_state(frames):
     """cf.objective last: the loss is the mean, over the batch, of each sample's full-softmax CE of
     its target given its whole history, as scored at inference (one sample at a time here)."""
     batch = Samples.from_frame(frames["train"], HIST).batch(slice(0, 48))
-    torch.manual_seed(0)
-    model = build(tiny(objective="last"), N_ITEMS).train()  # tiny: dropout 0, so train mode is deterministic
-    with torch.no_grad():
-        per_sample = [torch.log_softmax(model.score(batch["history"][i : i + 1])[0, 1:], 0)[batch["target"][i] - 1]
-                      for i in range(len(batch["target"]))]
-        assert model.calculate_loss(batch).item() == pytest.approx(-torch.stack(per_sample).mean().item(), rel=1e-5)
+    for eps in (0.0, 0.2):  # cf.label_smoothing: (1 - eps) of the mass on the target, eps / N on every item
+        torch.manual_seed(0)
+        model = build(tiny(objective="last", label_smoothing=eps), N_ITEMS).train()  # tiny: dropout 0, so train mode is deterministic
+        with torch.no_grad():
+            logp = [torch.log_softmax(model.score(batch["history"][i : i + 1])[0, 1:], 0) for i in range(len(batch["target"]))]
+            per_sample = [(1 - eps) * lp[t - 1] + eps * lp.mean() for lp, t in zip(logp, batch["target"].tolist())]
+            assert model.calculate_loss(batch).item() == pytest.approx(-torch.stack(per_sample).mean().item(), rel=1e-5)
     with pytest.raises(TcaError, match="cf.objective: 'first' is not an objective"):
         CFConfig.from_params({"objective": "first"})
+    with pytest.raises(TcaError, match="cf.label_smoothing: 1.0 must be in"):
+        CFConfig.from_params({"label_smoothing": 1.0})
 
 
 def test_last_objective_epoch_trains_on_every_train_sample_once(frames):

@@ -44,6 +44,7 @@ class CFConfig:
     mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
     objective: str = "last"  # SASRec. last: every train sample, its target only | all: every position of every 10th window
     prefixes: bool = True  # models that train on every sample (SASRec, objective last): also each user's first items as targets
+    label_smoothing: float = 0.1  # SASRec, loss ce: share of each label's mass spread evenly over all items
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
@@ -76,6 +77,8 @@ class CFConfig:
             raise TcaError(f"cf.train_fraction: {cfg.train_fraction} must be in (0, 1] (1 = the whole train split)")
         if cfg.layers < 0 or cfg.tau <= 0 or cfg.align_tau <= 0 or cfg.align_weight < 0:
             raise TcaError("cf.layers must be >= 0, cf.tau and cf.align_tau > 0, cf.align_weight >= 0")
+        if not 0 <= cfg.label_smoothing < 1:
+            raise TcaError(f"cf.label_smoothing: {cfg.label_smoothing} must be in [0, 1) (0: plain cross-entropy)")
         if cfg.inner < 0:
             raise TcaError(f"cf.inner: {cfg.inner} must be >= 0 (0: the model's own width)")
         for key in ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "patience"):

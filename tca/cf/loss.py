@@ -11,10 +11,12 @@ def sample_negatives(positives: torch.Tensor, n_items: int) -> torch.Tensor:
     return neg + (neg >= positives).long()
 
 
-def next_item_loss(states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, loss: str) -> torch.Tensor:
-    """states [M, d] predict targets [M] (ids 1..N) against item vectors items [N+1, d]."""
+def next_item_loss(states: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, loss: str,
+                   smoothing: float = 0.0) -> torch.Tensor:
+    """states [M, d] predict targets [M] (ids 1..N) against item vectors items [N+1, d].
+    `smoothing` (ce only): the target gets 1 - smoothing of the label mass, every item smoothing / N."""
     if loss == "ce":
-        return F.cross_entropy(states @ items[1:].T, targets - 1)
+        return F.cross_entropy(states @ items[1:].T, targets - 1, label_smoothing=smoothing)
     negatives = sample_negatives(targets, items.shape[0] - 1)
     pos = (states * items[targets]).sum(-1)
     neg = (states * items[negatives]).sum(-1)

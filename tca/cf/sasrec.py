@@ -39,7 +39,7 @@ class SASRec(CFModel):
         history[1:] + target); last: the latest position predicts the target, from the whole history."""
         history = batch["history"][:, -self.cfg.max_len :]
         if self.cfg.objective == "last":
-            return next_item_loss(self.encode_users(history), batch["target"], self.item_emb.weight, self.cfg.loss)
+            return next_item_loss(self.encode_users(history), batch["target"], self.item_emb.weight, self.cfg.loss, self.cfg.label_smoothing)
         labels = torch.cat([history[:, 1:], batch["target"][:, None]], dim=1)
         at = (history > 0) & (labels > 0)
-        return next_item_loss(self.states(history)[at], labels[at], self.item_emb.weight, self.cfg.loss)
+        return next_item_loss(self.states(history)[at], labels[at], self.item_emb.weight, self.cfg.loss, self.cfg.label_smoothing)
