@@ -77,13 +77,12 @@ class Samples:
         """
         if self.user is None or self.from_end is None:
             raise TcaError("cf.prefixes needs the train split's user_id and timestamp columns; rerun the data stage")
-        count = torch.bincount(self.user)
-        first = self.history[self.from_end == count[self.user] - 1]  # [U, L]: each user's earliest sample
-        users = self.user[self.from_end == count[self.user] - 1]
+        earliest = self.from_end == torch.bincount(self.user)[self.user] - 1
+        first, users = self.history[earliest], self.user[earliest]  # [U, L]: each user's earliest sample
         L = first.shape[1]
         row, col = torch.nonzero(first[:, :-1] > 0, as_tuple=True)  # targets first[row, col + 1]: a real item before
         col = col + 1
-        src = torch.arange(L)[None, :] - (L - col)[:, None]  # left-pad the col items before it to width L
+        src = torch.arange(L, device=first.device)[None, :] - (L - col)[:, None]  # left-pad the col items before it to width L
         history = torch.where(src >= 0, first[row[:, None], src.clamp(min=0)], 0)
         return Samples(torch.cat([self.history, history]), torch.cat([self.target, first[row, col]]),
                        None, torch.cat([self.user, users[row]]))
