@@ -44,7 +44,7 @@ class CFConfig:
     mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
     objective: str = "last"  # SASRec. last: every train sample, its target only | all: every position of every 10th window
     prefixes: bool = True  # models that train on every sample (SASRec, objective last): also each user's first items as targets
-    label_smoothing: float = 0.1  # SASRec, loss ce: share of each label's mass spread evenly over all items
+    label_smoothing: float = 0.3  # SASRec, loss ce: share of each label's mass spread evenly over all items
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
