@@ -253,13 +253,15 @@ def test_cosine_schedule_decays_to_zero_and_is_applied_every_step(frames):
 
 def test_bert4rec_mask_target_trains_the_inference_task(frames):
     """mask_target 1: every sequence masks its target slot alone, so the loss is the full-softmax
-    CE of the user representation used at inference."""
+    CE of the user representation used at inference (cf.label_smoothing: (1 - eps) of the mass on
+    the target, eps / N on every item)."""
     batch = Samples.from_frame(frames["train"], HIST).batch(slice(0, 64))
-    model = build(tiny(model="bert4rec", mask_target=1.0), N_ITEMS)
-    with torch.no_grad():
-        scores = model.encode_users(batch["history"]) @ model.item_embeddings()[1:].T
-        expected = torch.nn.functional.cross_entropy(scores, batch["target"] - 1)
-        assert model.calculate_loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    for eps in (0.0, 0.3):
+        model = build(tiny(model="bert4rec", mask_target=1.0, label_smoothing=eps), N_ITEMS)
+        with torch.no_grad():
+            logp = torch.log_softmax(model.encode_users(batch["history"]) @ model.item_embeddings()[1:].T, 1)
+            expected = -((1 - eps) * logp.gather(1, batch["target"][:, None] - 1)[:, 0] + eps * logp.mean(1)).mean()
+            assert model.calculate_loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(TcaError, match="cf.mask_target"):
         CFConfig.from_params({"mask_target": 1.5})
 
@@ -281,11 +283,12 @@ def test_last_objective_is_the_per_sample_ce_of_the_user_state(frames):
         CFConfig.from_params({"label_smoothing": 1.0})
 
 
-def test_last_objective_epoch_trains_on_every_train_sample_once(frames):
+@pytest.mark.parametrize("spec", ["sasrec", "bert4rec"])
+def test_last_objective_epoch_trains_on_every_train_sample_once(frames, spec):
     """An epoch of cf.objective last is every train sample once, and nothing else: no valid or
     test sample (a later interaction of its user) reaches the loss. The lambda records batches."""
     train = Samples.from_frame(frames["train"], HIST)
-    model = build(tiny(objective="last"), N_ITEMS)
+    model = build(tiny(model=spec, objective="last"), N_ITEMS)
     seen = []
     model.calculate_loss = lambda b: seen.append(b) or model.encode_users(b["history"]).sum()
     train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), train, 32, torch.Generator().manual_seed(0))
@@ -297,8 +300,9 @@ def test_last_objective_epoch_trains_on_every_train_sample_once(frames):
     assert keyed(**rows) == keyed(train.history, train.target, train.user)
 
 
-def test_prefixes_add_each_users_first_items_as_targets_and_nothing_else(frames, monkeypatch):
-    """cf.prefixes: train_cf trains SASRec (objective last) on every train sample plus, per user,
+@pytest.mark.parametrize("spec", ["sasrec", "bert4rec"])
+def test_prefixes_add_each_users_first_items_as_targets_and_nothing_else(frames, monkeypatch, spec):
+    """cf.prefixes: train_cf trains SASRec / BERT4Rec (objective last) on every train sample plus, per user,
     (h[:k] -> h[k]) of the earliest train sample's history h, left-padded: brute force below.
     Nothing from valid or test enters; objective all (windows) ignores it."""
     df = frames["train"]
@@ -311,17 +315,17 @@ def test_prefixes_add_each_users_first_items_as_targets_and_nothing_else(frames,
         seen.append(batch)
         return model.encode_users(batch["history"]).sum()
 
-    monkeypatch.setattr(resolve("sasrec"), "calculate_loss", record)
+    monkeypatch.setattr(resolve(spec), "calculate_loss", record)
     train, valid = (Samples.from_frame(frames[s], HIST) for s in ("train", "valid"))
-    train_cf(tiny(prefixes=True, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    train_cf(tiny(model=spec, prefixes=True, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
     got = [(u, tuple(h), t) for b in seen for u, h, t in zip(b["user"].tolist(), b["history"].tolist(), b["target"].tolist())]
     assert sorted(got) == sorted(expected)
     assert len(got) == len(train) + df["user_id"].n_unique() * (HIST - 1)
     seen.clear()
-    train_cf(tiny(prefixes=False, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    train_cf(tiny(model=spec, prefixes=False, max_epochs=1, lr=0.0), N_ITEMS, train, valid)
     assert sum(len(b["target"]) for b in seen) == len(train)
     seen.clear()
-    train_cf(tiny(prefixes=True, objective="all", max_epochs=1, lr=0.0), N_ITEMS, train, valid)
+    train_cf(tiny(model=spec, prefixes=True, objective="all", max_epochs=1, lr=0.0), N_ITEMS, train, valid)
     rows = {(u, tuple(h), t) for b in seen for u, h, t in zip(b["user"].tolist(), b["history"].tolist(), b["target"].tolist())}
     assert rows <= set(expected[: len(train)])  # windows of the train samples, no prefix
     with pytest.raises(TcaError, match="cf.prefixes needs the train split's user_id"):

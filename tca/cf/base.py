@@ -42,9 +42,9 @@ class CFConfig:
     inner: int = 0  # transformers' feed-forward width; 0: the model's own (SASRec hidden, BERT4Rec 4 x hidden)
     mask_prob: float = 0.2  # BERT4Rec: share of items masked in training
     mask_target: float = 0.5  # BERT4Rec: share of training sequences that mask the target slot only
-    objective: str = "last"  # SASRec. last: every train sample, its target only | all: every position of every 10th window
-    prefixes: bool = True  # models that train on every sample (SASRec, objective last): also each user's first items as targets
-    label_smoothing: float = 0.3  # SASRec, loss ce: share of each label's mass spread evenly over all items
+    objective: str = "last"  # SASRec, BERT4Rec. last: every train sample (SASRec: its target only) | all: every position of every 10th window
+    prefixes: bool = True  # models that train on every sample (SASRec, BERT4Rec, objective last): also each user's first items as targets
+    label_smoothing: float = 0.3  # SASRec, BERT4Rec, loss ce: share of each label's mass spread evenly over all items
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256

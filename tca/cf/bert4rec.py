@@ -3,7 +3,8 @@
 The sequence is the history plus one more slot: the target in training (masked at random with
 the other items), a [MASK] token at inference, whose output state is the user representation.
 A share `cf.mask_target` of the training sequences masks the target slot alone: the inference
-task, which random masking of 20% of the items poses only for a fifth of the targets.
+task, which random masking of 20% of the items poses only for a fifth of the targets. With
+`cf.objective: last` an epoch is every train sample (history + target), as SASRec's.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class BERT4Rec(CFModel):
     def __init__(self, n_items: int, cfg: CFConfig):
         super().__init__(n_items, cfg)
         self.mask_id = n_items + 1
+        self.every_sample = cfg.objective == "last"
         self.item_emb = nn.Embedding(n_items + 2, cfg.hidden, padding_idx=0)
         init_embedding(self.item_emb)
         self.encoder = Encoder(cfg.hidden, cfg.inner or 4 * cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len + 1, causal=False)
@@ -43,4 +45,4 @@ class BERT4Rec(CFModel):
         masked &= ~target_only[:, None]
         masked[:, -1] |= target_only | ~masked.any(dim=1)  # at least one masked item per sequence: the target
         states = self.states(torch.where(masked, self.mask_id, seq))
-        return next_item_loss(states[masked], seq[masked], self.item_embeddings(), self.cfg.loss)
+        return next_item_loss(states[masked], seq[masked], self.item_embeddings(), self.cfg.loss, self.cfg.label_smoothing)
