@@ -74,25 +74,32 @@ TCA_SUFFIX = "+TCA"
 PAIRED = ("hr@10", "ndcg@10")
 
 
-def comparisons(rows: list[Row]) -> list[tuple[str, str, str, str]]:
+def comparisons(rows: list[Row], select: str | None = None) -> list[tuple[str, str, str, str]]:
     """(label, row, its ranks' model, against row, its ranks' model) pairs the report compares on the
-    same samples: each "X+TCA" LLM row against the "X" row, and each LLM row against popularity."""
+    same samples: each "X+TCA" LLM row against the "X" row, and each LLM row against popularity.
+    `select` (the valid runs of an experiment that selects by this metric): each other LLM row against
+    the one chosen (the best value; ties: the first), which tells whether the choice was clear."""
     llm = {row.name: row for row in rows if not row.is_cf and row.record.get("ranks")}
     pairs = [(f"{name} - {name[: -len(TCA_SUFFIX)]}", name, "llm", name[: -len(TCA_SUFFIX)], "llm")
              for name in llm if name.endswith(TCA_SUFFIX) and name[: -len(TCA_SUFFIX)] in llm]
+    scored = [(row.value(select), -i, name) for i, (name, row) in enumerate(llm.items()) if select and row.value(select) is not None]
+    if scored:
+        chosen = max(scored)[2]
+        pairs += [(f"{name} - {chosen} (chosen)", name, "llm", chosen, "llm") for name in llm if name != chosen]
     pairs += [(f"{name} - popularity", name, "llm", name, "popularity") for name in llm if "popularity" in llm[name].record["ranks"]]
     return pairs
 
 
-def paired_table(rows: list[Row]) -> str | None:
-    """Differences of HR@10 / NDCG@10 with 95% paired bootstrap intervals over the same samples."""
+def paired_table(rows: list[Row], select: str | None = None) -> str | None:
+    """Differences of HR@10 / NDCG@10 with 95% paired bootstrap intervals over the same samples
+    (`comparisons`; `select`: also against the chosen variant)."""
     import numpy as np
 
     from tca.metrics import bootstrap_interval, per_sample_metrics
 
     by_name = {row.name: row for row in rows}
     lines = []
-    for label, a, model_a, b, model_b in comparisons(rows):
+    for label, a, model_a, b, model_b in comparisons(rows, select):
         ranks_a, ranks_b = by_name[a].record["ranks"], by_name[b].record["ranks"]
         if ranks_a["sample_ids"] != ranks_b["sample_ids"]:
             lines.append(f"| {label} | other samples: not compared | | |")
@@ -197,7 +204,7 @@ def section(name: str, rows: list[Row], spec: Experiment | None, out: Path) -> t
         base = " ".join([*(f"--params {f}" for f in sorted(files)), *sorted(s for s in shared if s)])
         parts += [f"Every row: `{base}`", ""]
     parts += [table(rows), ""]
-    paired = paired_table(rows)
+    paired = paired_table(rows, spec.select if spec is not None and spec.select and name != spec.name else None)
     if paired:
         parts += ["Paired differences on the same samples (95% bootstrap intervals over samples; an interval that "
                   "excludes 0 is a difference these samples can tell apart):", "", paired, ""]

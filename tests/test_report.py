@@ -133,3 +133,21 @@ def test_paired_differences_against_the_base_row_and_popularity():
     assert any(l.startswith("| TallRec - popularity |") for l in text)
     assert not any(l.startswith("| MSL+TCA - MSL |") for l in text)  # no MSL row: nothing to compare
     assert any(l.startswith("| MSL+TCA - popularity |") for l in text)
+
+
+def test_valid_runs_of_a_selection_are_compared_with_the_chosen_one():
+    """In a selecting experiment's valid runs each other variant is paired against the one with the
+    best valid metric (the choice), so the report says whether these samples can tell them apart."""
+    from pipeline.report import comparisons, paired_table
+
+    rng = np.random.default_rng(1)
+    enc = lambda r: "".join(str(x) if x < 10 else "-" for x in r)
+    ranks = {name: rng.integers(0, 30, 500) for name in ("lr 1e-4", "lr 3e-4", "LoRA")}
+    rows = [Row(record("recipe-valid", name, metrics(0, 0, 0, ndcg), index=i) | {"ranks": {"sample_ids": "v", "llm": enc(ranks[name])}})
+            for i, (name, ndcg) in enumerate([("lr 1e-4", 0.0246), ("lr 3e-4", 0.0216), ("LoRA", 0.0217)])]
+    labels = [label for label, *_ in comparisons(rows, "ndcg@10")]
+    assert labels == ["lr 3e-4 - lr 1e-4 (chosen)", "LoRA - lr 1e-4 (chosen)"]
+    assert [label for label, *_ in comparisons(rows)] == []  # no selection: nothing to pair here
+    line = next(l for l in paired_table(rows, "ndcg@10").splitlines() if l.startswith("| LoRA - lr 1e-4 (chosen) |"))
+    want = np.mean(ranks["LoRA"] < 10) - np.mean(ranks["lr 1e-4"] < 10)
+    assert float(line.split(" | ")[1].split()[0]) == pytest.approx(want, abs=5e-5)
