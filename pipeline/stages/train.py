@@ -71,8 +71,8 @@ def load_batcher(artifacts: Path, params: dict, cfg, hybrid=None, device: str = 
     import torch
 
     from tca.collab.store import DistReader
-    from tca.llm.train import Batcher
     from tca.collab.trie import Trie
+    from tca.llm.train import Batcher
 
     builder, targets, tokenizer = load_builder(artifacts, params, cfg.packing, () if hybrid is None else hybrid.slots)
     trie = Trie.load(artifacts / "trie" / "trie.npz")

@@ -3,7 +3,8 @@ forward that applies the LM head only where a loss is taken.
 
 Prompts come from `tca.llm.prompt.PromptBuilder` and targets (title + EOS) from the `trie` stage; they
 are joined as ids, never as text, so the trained ids are exactly the trie's paths. Batches are
-right-padded: a causal model's real tokens never attend to the padding after them.
+right-padded (a causal model's real tokens never attend to the padding after them), or joined into one
+unpadded sequence with a chunked mask (`tca.llm.packing`: packed rows, and per-sample prompts on a CPU).
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ class ItemTargets:
 
 @dataclass
 class Inputs:
-    """A right-padded batch of prompt + target ids and where its targets are."""
+    """A batch of prompt + target ids and where its targets are: right-padded, or one joined sequence
+    (`window_mask` / `key_blocks`, `position_ids`; `tca.llm.packing`)."""
 
     input_ids: torch.Tensor  # int64 [B, T]
     attention_mask: torch.Tensor  # int64 [B, T]
