@@ -48,7 +48,7 @@ class CFConfig:
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine: from lr down to 0 over max_epochs, step by step
     batch_size: int = 256
-    max_epochs: int = 30
+    max_epochs: int = 24
     patience: int = 30  # epochs without a better valid NDCG@10 before stopping (>= max_epochs: never)
     seed: int = 42
     train_fraction: float = 1.0  # share of the train split it trains on (whole users, seeded by `seed`)
