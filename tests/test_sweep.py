@@ -287,7 +287,7 @@ def test_repo_experiments_resolve_against_stages_yaml():
     """Every variant of experiments.yaml names known params with well-typed values; the rows
     the paper's tables need are there."""
     experiments = load_experiments(experiment_file(REPO))
-    assert list(experiments) == ["main", "sid", "ablation", "recipe", "alpha", "cf_swap", "cf_size"]
+    assert list(experiments) == ["main", "sid", "ablation", "recipe", "steps", "alpha", "cf_swap", "cf_size"]
     for exp in experiments.values():
         for variant in exp.variants:
             Project(REPO, [*exp.shared, *variant.overrides])
