@@ -1,18 +1,17 @@
 """`tca`: the command line. Parses, then calls pipeline/; nothing else lives here."""
 from __future__ import annotations
 
-import os
 import sys
-
-# torch's bundled OpenMP and the system one Numba loads would otherwise busy-wait against each
-# other (measured: CF scoring up to 20x slower on 2 loaded cores). Must precede importing torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import click
 
-from pipeline.runner import Project, human, find_root
-from tca.errors import TcaError
+from tca.openmp import configure_openmp
+
+configure_openmp()  # before anything imports torch or Numba
+
+from pipeline.runner import Project, human, find_root  # noqa: E402
+from tca.errors import TcaError  # noqa: E402
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="Override a param for this invocation (repeatable), e.g. --set train.alpha=0.3.")

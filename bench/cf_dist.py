@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning: torch and numba each bring their own libgomp, and on
-# 2 shared cores spinning threads of one runtime starve the other (and other users' processes).
-# It must be set before torch loads; `OMP_WAIT_POLICY=active python bench/cf_dist.py` measures the default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from tca.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # before torch loads, as `tca` does
 
 import argparse
 import tempfile
@@ -186,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     n, n_ref = (1024, 20) if args.quick else (8192, 100)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} ({numba.threading_layer()} after the first kernel), "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     ratios = {}
     for name, (targets, samples) in (("MovieLens-100k", movielens(n)), ("synthetic Toys (20,669 items)", toys(n))):
         trie = build_trie(np.arange(1, len(targets) + 1), targets)

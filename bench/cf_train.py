@@ -21,12 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tca.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # before torch loads, as `tca` does: the cf stage's epochs, timed as it runs them
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 
 from pipeline.context import StageContext  # noqa: E402
 from pipeline.stages.cf import read_splits  # noqa: E402

@@ -10,10 +10,9 @@ forward (search bookkeeping, masks, cache reordering).
 """
 from __future__ import annotations
 
-import os
+from tca.openmp import configure_openmp  # noqa: E402
 
-# Idle OpenMP threads sleep instead of spinning (2 shared cores); must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+configure_openmp()  # before torch loads, as `tca` does
 
 import argparse
 import time

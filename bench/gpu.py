@@ -21,9 +21,7 @@ real `tca.collab.tokenizer` kernels, read back through dist.zarr as training rea
 """
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (2 shared cores in --cpu-smoke)
 
 import argparse
 import importlib.util
@@ -36,6 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: `bench.train_step`, and tca/ without an install
+
+from tca.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # before torch loads, as `tca` does
 
 import numpy as np
 import polars as pl

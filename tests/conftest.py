@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: before torch is imported
+from tca.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # as cli.py: before torch is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
