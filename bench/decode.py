@@ -10,7 +10,7 @@ forward (search bookkeeping, masks, cache reordering).
 """
 from __future__ import annotations
 
-from tca.openmp import configure_openmp  # noqa: E402
+from tca.openmp import configure_openmp
 
 configure_openmp()  # before torch loads, as `tca` does
 

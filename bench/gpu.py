@@ -21,8 +21,6 @@ real `tca.collab.tokenizer` kernels, read back through dist.zarr as training rea
 """
 from __future__ import annotations
 
-
-
 import argparse
 import importlib.util
 import json
