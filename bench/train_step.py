@@ -1,7 +1,8 @@
 """Training-step throughput and memory: our step (decoder, then the LM head at the target positions
 only, sparse soft-NTP loss) against a reference-style step (full-sequence logits, dense one-hot +
 dense q soft labels over the vocabulary, as the paper's code computes them), in one run: same model
-(the `model` stage's, + LoRA), same real batches of the train subset with their q from cf_dist.
+(the `model` stage's, trained as `train.finetune` says: every weight, or a LoRA adapter), same real
+batches of the train subset with their q from cf_dist.
 
     python bench/train_step.py                      # artifacts/ of this project (data, subset, model, trie, cf_dist)
     python bench/train_step.py --batch 8 --steps 10 --artifacts DIR
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", help="auto | bf16 | fp32, as train.precision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--finetune", choices=["full", "lora"], help="what trains (default: train.finetune of stages.yaml)")
     ap.add_argument("--packing", action="store_true", help="only compare packed rows with per-sample prompts")
     ap.add_argument("--rows", type=int, default=2, help="--packing: packed rows per step (train.micro_batch of a packed run)")
     ap.add_argument("--targets", type=int, default=0, help="--packing: targets per packed row (0 = train.pack_targets)")
@@ -125,10 +127,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     bf16 = use_bf16(device, args.precision)
-    model = load_model(args.artifacts / "model", device=str(device), lora=LoraSettings(), bf16=bf16).train()
+    full = (args.finetune or base_cfg.finetune) == "full"
+    model = load_model(args.artifacts / "model", device=str(device), lora=None if full else LoraSettings(), bf16=bf16, full=full).train()
+    title = f"SmolLM2 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params){' fully fine-tuned' if full else ' + LoRA'}"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if args.packing:
-        return compare_packing(args, params, base_cfg, batcher, model, device, bf16, autocast)
+        return compare_packing(args, params, base_cfg, batcher, model, title, device, bf16, autocast)
     cfgs = {"tca": LossConfig("tca", args.alpha), "ntp": LossConfig("ntp", args.alpha), "msl+tca": LossConfig("tca", args.alpha, msl=True)}
 
     def ours(kind, batches=batcher):
@@ -237,7 +241,7 @@ def main() -> None:
     step_peak, path_peak, path_cpu, path_loss = (measured[k] for k in ("step_peak", "path_peak", "path_cpu", "path_loss"))
     inputs, _ = padded(batches[0])
     B, T = inputs.input_ids.shape
-    print(f"SmolLM2 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) + LoRA on {device} in {'bf16' if bf16 else 'fp32'}, "
+    print(f"{title} on {device} in {'bf16' if bf16 else 'fp32'}, "
           f"{torch.get_num_threads()} threads; {args.steps} timed steps of {args.batch} samples, interleaved "
           f"(first batch: {B} x {T} ids, {len(inputs.target)} target tokens; vocabulary {model.config.vocab_size:,})")
     print(f"loss of the first batch (sum over its target tokens): ours tca {path_loss['ours tca']:.4f}, "
@@ -264,7 +268,7 @@ def main() -> None:
     print(f"msl+tca vs tca: {cpu_rate['ours msl+tca'] / cpu_rate['ours tca']:.2f}x tokens per CPU-s")
 
 
-def compare_packing(args, params, base_cfg, batcher, model, device, bf16, autocast) -> None:
+def compare_packing(args, params, base_cfg, batcher, model, title, device, bf16, autocast) -> None:
     """Supervised samples per second: packed rows (train.packing=items) against the same samples as
     one prompt each (train.packing=none, micro-batches of --batch), same model, loss and precision;
     one packed step and its per-sample counterpart per round, interleaved."""
@@ -284,28 +288,30 @@ def compare_packing(args, params, base_cfg, batcher, model, device, bf16, autoca
         model.zero_grad(set_to_none=True)
         return inputs.n_tokens
 
-    clock = {"packed": [], "per-sample": []}
+    clock = {"packed": [], "per-sample": []}  # (CPU-s, wall s) per step
     counted = {"packed": [0, 0], "per-sample": [0, 0]}  # samples, tokens
     for r in range(args.steps + 1):
         chosen = select_rows(windows, rng.choice(len(windows.n_items), args.rows, replace=False))
         rows = chosen.sample[chosen.sample >= 0]
         for name in clock:
-            start = time.process_time()
+            start, start_wall = time.process_time(), time.perf_counter()
             if name == "packed":
                 tokens = run(*packed_batcher.packed(samples, chosen))
             else:
                 tokens = sum(run(*batcher(samples[rows[i : i + args.batch]])) for i in range(0, len(rows), args.batch))
             if r:  # round 0 warms up
-                clock[name].append(time.process_time() - start)
+                clock[name].append((time.process_time() - start, time.perf_counter() - start_wall))
                 counted[name][0] += len(rows)
                 counted[name][1] += tokens
-    rate = {name: counted[name][0] / sum(clock[name]) for name in clock}
-    print(f"SmolLM2 + LoRA on {device} in {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; {args.steps} rounds of "
+    rate = {name: counted[name][0] / sum(cpu for cpu, _ in clock[name]) for name in clock}
+    wall = {name: counted[name][0] / sum(took for _, took in clock[name]) for name in clock}
+    print(f"{title} on {device} in {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; {args.steps} rounds of "
           f"{args.rows} packed rows (<= {cfg.pack_targets} targets each) vs the same samples in micro-batches of {args.batch}")
     for name in clock:
-        print(f"{name:<11} {rate[name]:8.2f} supervised samples per CPU-s, {counted[name][1] / counted[name][0]:6.1f} tokens read per sample")
-    print(f"supervised samples/s packed vs per-sample: {rate['packed'] / rate['per-sample']:.2f}x")
-
+        print(f"{name:<11} {rate[name]:8.2f} supervised samples per CPU-s ({wall[name]:.2f} per wall s), "
+              f"{counted[name][1] / counted[name][0]:6.1f} tokens read per sample")
+    print(f"supervised samples/s packed vs per-sample: {rate['packed'] / rate['per-sample']:.2f}x per CPU-s "
+          f"({wall['packed'] / wall['per-sample']:.2f}x per wall s)")
 
 if __name__ == "__main__":
     main()
