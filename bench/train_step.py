@@ -313,5 +313,6 @@ def compare_packing(args, params, base_cfg, batcher, model, title, device, bf16,
     print(f"supervised samples/s packed vs per-sample: {rate['packed'] / rate['per-sample']:.2f}x per CPU-s "
           f"({wall['packed'] / wall['per-sample']:.2f}x per wall s)")
 
+
 if __name__ == "__main__":
     main()
