@@ -9,6 +9,10 @@ A stage module (``pipeline/stages/<name>.py``) defines:
 - optionally ``external_deps(params: dict) -> list[Path]``: files outside ``artifacts/``
   that the stage reads (e.g. the raw data files a ``data.source`` param points to); their
   content hashes take part in staleness like any dep.
+- optionally ``reads(params: dict) -> dict[str, list[str]]``: for a dep the stage reads only in part,
+  the outputs it reads (e.g. eval reads one split of `subset`); only those take part in its
+  staleness and run-cache key, so a change elsewhere in that dep does not rerun the stage (a
+  larger test subset does not retrain the LLM). Other deps count whole.
 - optionally ``check_params(params: dict) -> None``: builds the typed config of every param section
   the stage reads (each config validates itself), raising TcaError on a bad value; the runner calls
   it for every stage before `run`, `--dry` or `status` does anything, so a new param slots in by

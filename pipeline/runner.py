@@ -234,12 +234,20 @@ class Project:
     def fingerprint(self, stage: Stage) -> Fingerprint:
         code = {self.label(p): self.hashes.file(p) for p in self.code_files(stage)}
         deps = {}
+        module = self.module(stage)
+        reads = getattr(module, "reads", None)
+        partial = reads(self.params) if reads else {}
         for dep in stage.deps:
             path = self.artifacts / dep
             if not path.exists():
                 raise TcaError(f"stage `{stage.name}` needs the outputs of `{dep}` ({path}), which do not exist; run `tca run-stage {dep}` or pass --upstream")
-            deps[f"stage:{dep}"] = self._tree(path)
-        external = getattr(self.module(stage), "external_deps", None)
+            if dep not in partial:
+                deps[f"stage:{dep}"] = self._tree(path)
+            for name in partial.get(dep, ()):
+                if not (path / name).exists():
+                    raise TcaError(f"stage `{stage.name}` reads {path / name}, which `{dep}` did not write; run `tca run-stage {dep} --force`")
+                deps[f"stage:{dep}/{name}"] = self._tree(path / name)
+        external = getattr(module, "external_deps", None)
         for path in external(self.params) if external else []:
             path = Path(path)
             if not path.exists():

@@ -135,6 +135,66 @@ def test_upstream_stage_changed_outputs_make_downstream_stale(tmp_path):
     assert Project(root, ["a.factor=1"]).status() == {"b": ["dep changed: outputs of `a`"]}
 
 
+STAGE_TWO_OUTS = '''
+def run(ctx):
+    (ctx.out / "out.txt").write_text("x" * ctx.param("a.factor"))
+    (ctx.out / "other.txt").write_text(str(ctx.param("a.other")))
+'''
+
+STAGE_READS_ONE = '''
+from pathlib import Path
+
+def reads(params):
+    return {"a": ["out.txt"]}
+
+def run(ctx):
+    counter = Path(ctx.param("c.counter"))
+    counter.write_text(counter.read_text() + "c" if counter.exists() else "c")
+    (ctx.out / "out.txt").write_text((ctx.input("a") / "out.txt").read_text() + "!")
+'''
+
+
+def test_stage_reading_part_of_a_dep_is_stale_only_when_that_part_changes(tmp_path):
+    pkg = f"toy_{uuid.uuid4().hex[:8]}"
+    root = tmp_path / "proj"
+    (root / pkg).mkdir(parents=True)
+    (root / pkg / "__init__.py").write_text("")
+    (root / pkg / "a.py").write_text(STAGE_TWO_OUTS)
+    (root / pkg / "c.py").write_text(STAGE_READS_ONE)
+    counter = tmp_path / "counter"
+    (root / "stages.yaml").write_text(yaml.safe_dump({
+        "stages": {"a": {"entry": f"{pkg}.a", "deps": [], "params": ["a"], "outs": ["out.txt", "other.txt"]},
+                   "c": {"entry": f"{pkg}.c", "deps": ["a"], "params": ["c"], "outs": ["out.txt"]}},
+        "params": {"a": {"factor": 2, "other": 1}, "c": {"counter": str(counter)}}}))
+    assert Project(root).run(log=quiet) == ["a", "c"]
+    lock = yaml.safe_load((root / "stages.lock").read_text())
+    assert list(lock["c"]["deps"]) == ["stage:a/out.txt"]
+    assert Project(root, ["a.other=2"]).run(log=quiet) == ["a"]   # c: up to date, its part of a is the same
+    assert counter.read_text() == "c"
+    assert Project(root, ["a.other=2", "a.factor=3"]).run(log=quiet) == ["a", "c"]
+    assert counter.read_text() == "cc" and (root / "artifacts/c/out.txt").read_text() == "xxx!"
+    (root / "artifacts/a/out.txt").unlink()
+    with pytest.raises(TcaError, match=r"reads .*a/out.txt, which `a` did not write"):
+        Project(root, ["a.other=2", "a.factor=3"]).fingerprint(Project(root).graph.stages["c"])
+
+
+def test_real_stages_read_parts_that_their_deps_write():
+    """Each `reads` of the real stages names outputs its dep declares, and follows its params."""
+    import importlib
+
+    project = Project(REPO)
+    graph = project.graph
+    found = {}
+    for name, stage in graph.stages.items():
+        reads = getattr(importlib.import_module(stage.entry), "reads", None)
+        for params in (project.params, Project(REPO, ["eval.split=valid", "train.eval_every=1"]).params):
+            for dep, files in (reads(params) if reads else {}).items():
+                assert dep in stage.deps and set(files) <= set(graph.stages[dep].outs), (name, dep, files)
+                found.setdefault(name, []).append(files)
+    assert found == {"cf_dist": [["train.parquet"]] * 2, "train": [["train.parquet"], ["train.parquet", "valid.parquet"]],
+                     "eval": [["test.parquet"], ["valid.parquet"]]}
+
+
 def test_run_stage_refuses_stale_upstream_unless_asked(tmp_path):
     root = make_project(tmp_path)
     with pytest.raises(TcaError, match="upstream stage `a` is stale.*--upstream"):

@@ -204,6 +204,22 @@ def test_eval_shards_give_the_metrics_of_one_run(root):
     assert proj.lock()["eval"]["key"] == key and "eval" not in Project(root).status()
 
 
+def test_a_new_test_subset_reruns_eval_alone(root):
+    """Train and cf_dist read subset's train split (train its valid split too, as it validates here):
+    another test subset leaves the trained model in place; another valid subset retrains it."""
+    proj = Project(root, device="cpu")
+    proj.run(["eval"], log=lambda msg: None)
+    art = root / "artifacts"
+    samples(9, 3, 300).write_parquet(art / "subset" / "test.parquet")
+    lock_as_run(Project(root, ["subset.test=9"]), ["subset"])
+    stale = Project(root, ["subset.test=9"]).status()
+    assert stale == {"eval": ["dep changed: outputs of `subset/test.parquet`"]}
+    samples(5, 4, 400).write_parquet(art / "subset" / "valid.parquet")
+    lock_as_run(Project(root, ["subset.test=9", "subset.valid=5"]), ["subset"])
+    stale = Project(root, ["subset.test=9", "subset.valid=5"]).status()
+    assert list(stale) == ["train", "eval"] and stale["train"] == ["dep changed: outputs of `subset/valid.parquet`"]
+
+
 def test_launched_runs_refuse_what_cannot_run_on_several_processes(root, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

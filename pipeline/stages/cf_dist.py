@@ -22,6 +22,11 @@ COLUMNS = ["sample_id", "history", "item_id"]
 TOP = 5  # tokens shown per position by inspect
 
 
+def reads(params: dict) -> dict[str, list[str]]:
+    """Of `subset`, the train samples alone: their soft labels are all it writes."""
+    return {"subset": ["train.parquet"]}
+
+
 def check_params(params: dict) -> None:
     from tca.collab.tokenizer import CollabConfig
 

@@ -72,6 +72,11 @@ def popularity_counts(data_dir: Path):
     return torch.bincount(torch.from_numpy(targets), minlength=n_items + 1)
 
 
+def reads(params: dict) -> dict[str, list[str]]:
+    """Of `subset`, the split it decodes: a new subset of the other split keeps this one's predictions."""
+    return {"subset": [f"{params['eval'].get('split', 'test')}.parquet"]}
+
+
 def check_params(params: dict) -> None:
     from tca.llm.prompt import PromptConfig
 

@@ -87,6 +87,12 @@ def read_format(adapter: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"packing": "none", "finetune": "lora"}
 
 
+def reads(params: dict) -> dict[str, list[str]]:
+    """Of `subset`, the train samples (and the valid ones when training validates): a new test or valid
+    subset size does not retrain the LLM."""
+    return {"subset": ["train.parquet", *(["valid.parquet"] if params["train"]["eval_every"] else [])]}
+
+
 def check_params(params: dict) -> None:
     """Every section the stage reads, as the typed configs `run` builds."""
     from tca.llm.model import LoraSettings
