@@ -30,3 +30,12 @@ def pad(flat: np.ndarray, lengths: np.ndarray, fill, width: int | None = None, l
     out = np.full((len(lengths), width), fill, dtype=np.asarray(flat).dtype)
     out[row, col + (width - np.asarray(lengths, dtype=np.int64)[row] if left else 0)] = flat
     return out
+
+
+def list_series(flat: np.ndarray, lengths: np.ndarray):
+    """Ragged rows as a polars list column (through Arrow offsets, no Python loop per row)."""
+    import polars as pl
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pl.Series(pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(flat, dtype=np.int64)))))

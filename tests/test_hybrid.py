@@ -332,9 +332,11 @@ def test_projector_saved_and_loaded_with_the_adapter(world, tokenizer, peaky_mod
     assert HybridPrompt.load(tmp_path, cf) is None  # no hybrid.json: a text-only adapter
 
 
-def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_path):
-    """llara with its curriculum and validation: the train stage writes the projector with the adapter,
-    the eval stage and `tca recommend` build the same hybrid prompts from it."""
+@pytest.mark.parametrize("backbone, packing, finetune", [("llara", "none", "lora"), ("llara", "items", "lora"), ("collm", "items", "full")])
+def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_path, backbone, packing, finetune):
+    """llara with its curriculum, collm, with validation, per-sample or packed, LoRA or fully fine-tuned: the train
+    stage writes the projector with the adapter (or the whole model), the eval stage and `tca recommend` build the
+    same hybrid prompts (of that format) from it."""
     import yaml
 
     from pipeline.recommend import recommend
@@ -347,16 +349,17 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "stages.yaml").read_text())["params"]
     params["tca"]["cf_source"] = "uniform"
-    params["train"] |= {"backbone": "llara", "packing": "none", "finetune": "lora", "max_steps": 0, "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5,
+    params["train"] |= {"backbone": backbone, "packing": packing, "finetune": finetune, "max_steps": 0, "epochs": 1, "micro_batch": 4, "grad_accum": 2, "eval_every": 1, "valid_beams": 5,
                         "valid_metric": "hr@5", "log_every": 1, "precision": "fp32"}
     params["eval"] |= {"num_beams": 5, "batch_size": 2, "precision": "fp32"}
     artifacts = tmp_path / "artifacts"
     for name in ("data", "subset", "cf"):
         (artifacts / name).mkdir(parents=True)
     pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1, dtype=np.int32), "title": TITLES[1:]}).write_parquet(artifacts / "data" / "items.parquet")
-    world["samples"].write_parquet(artifacts / "subset" / "train.parquet")
+    with_users = lambda frame: frame.with_columns(user_id=pl.col("sample_id") // 3, timestamp=pl.col("sample_id"))  # noqa: E731 (packing reads them)
+    with_users(world["samples"]).write_parquet(artifacts / "subset" / "train.parquet")
     world["samples"].write_parquet(artifacts / "data" / "train.parquet")
-    world["valid"].write_parquet(artifacts / "subset" / "valid.parquet")
+    with_users(world["valid"]).write_parquet(artifacts / "subset" / "valid.parquet")
     world["valid"].write_parquet(artifacts / "subset" / "test.parquet")
     shutil.copytree(tiny_model_dir, artifacts / "model")
     save_checkpoint(cf_model("sasrec"), artifacts / "cf" / "model.pt")
@@ -365,14 +368,31 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
         module.run(StageContext(name, params, artifacts / name, artifacts, device_request="cpu"))
 
     adapter = artifacts / "train" / "adapter"
-    assert json.loads((adapter / "hybrid.json").read_text()) == {"backbone": "llara", "cf_model": "sasrec", "cf_dim": 16}
-    assert "projector (llara)" in train.inspect(artifacts / "train", params)
-    # the eval stage's lists are those of the trained adapter with the hybrid prompts, built by hand
+    assert json.loads((adapter / "hybrid.json").read_text()) == {"backbone": backbone, "cf_model": "sasrec", "cf_dim": 16}
+    assert json.loads((adapter / "format.json").read_text())["packing"] == packing
+    shown = train.inspect(artifacts / "train", params)
+    assert f"projector ({backbone})" in shown and ("fully fine-tuned" in shown) == (finetune == "full")
+    log = [json.loads(line) for line in (artifacts / "train" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r) and any("valid" in r for r in log)
+    # the eval stage's lists are those of the trained adapter with the hybrid prompts of its format, built by hand
     cf = load_checkpoint(artifacts / "cf" / "model.pt")
     hybrid = HybridPrompt.load(adapter, cf)
-    model = load_model(artifacts / "model", adapter, cf_dim=hybrid.cf_dim)
-    direct = evaluate(model, PromptBuilder(tokenizer, TITLES, slots=("item",)), world["trie"], world["valid"],
-                      EvalConfig(num_beams=5), hybrid=hybrid)
+    if finetune == "full":  # the trained projector was saved with the weights and is read back
+        from safetensors.torch import load_file
+
+        model = load_model(adapter, cf_dim=hybrid.cf_dim)
+        saved = load_file(adapter / "model.safetensors")[f"{PROJECTOR}.0.weight"]
+        torch.manual_seed(params["train"]["seed"])
+        fresh = load_model(artifacts / "model", cf_dim=hybrid.cf_dim, full=True)
+        assert torch.equal(getattr(model, PROJECTOR)[0].weight, saved)
+        assert not torch.equal(saved, getattr(fresh, PROJECTOR)[0].weight)
+        with pytest.raises(TcaError, match="holds no cf_projector weights"):  # a folder without one: the base model
+            load_model(artifacts / "model", cf_dim=hybrid.cf_dim)
+    else:
+        model = load_model(artifacts / "model", adapter, cf_dim=hybrid.cf_dim)
+    builder = train.load_builder(artifacts, params, packing, SLOTS[backbone])[0]
+    assert builder.items_format == (packing == "items")
+    direct = evaluate(model, builder, world["trie"], world["valid"], EvalConfig(num_beams=5), hybrid=hybrid)
     assert pl.read_parquet(artifacts / "eval" / "predictions.parquet")["items"].to_list() == direct.predictions["items"].to_list()
     assert json.loads((artifacts / "eval" / "metrics.json").read_text())["n_samples"] == world["valid"].height
 
@@ -384,7 +404,7 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
             return self.artifacts / name
 
     text = recommend(Fake(), ["Fargo (1996)", "Heat (1995)"], None, 3)
-    assert "llara prompts" in text
+    assert f"{backbone} prompts" in text
     first = text.splitlines()[4].split(maxsplit=2)[2]
-    expected = evaluate_lists(model, PromptBuilder(tokenizer, TITLES, slots=("item",)), world, hybrid, [[3, 4]], 5)[0][0, 0]
+    expected = evaluate_lists(model, builder, world, hybrid, [[3, 4]], 5)[0][0, 0]
     assert first == TITLES[expected]

@@ -13,7 +13,7 @@ from tca.collab.store import DistReader, DistWriter
 from tca.llm.model import Inputs, ItemTargets, LoraSettings, encode, load_model, target_hidden
 from tca.llm.losses import LossConfig, make_labels, position_losses
 from tca.llm.packed_attention import key_blocks
-from tca.llm.packing import encode_windows, pack_samples
+from tca.llm.packing import encode_windows, pack_samples, prefix_histories, slot_histories
 from tca.llm.prompt import PromptBuilder
 from tca.llm.train import Batcher, TrainConfig, Trainer
 from tca.collab.trie import build_trie, target_ids
@@ -364,3 +364,100 @@ def test_device_copies_reach_the_key_blocks(world):
     on_tensors(inputs, lambda t: seen.append(t) or t)
     assert any(t is inputs.key_blocks.index for t in seen) and any(t is inputs.key_blocks.mask for t in seen)
     assert any(t is inputs.position_ids for t in seen)
+
+
+def hybrid_world(world, tokenizer, backbone):
+    """The items-format builder with the backbone's CF slots, and the frozen CF model that fills them."""
+    from tca.cf.base import CFConfig
+    from tca.cf.registry import build
+    from tca.llm.hybrid_prompt import SLOTS, HybridPrompt
+
+    pieces = [[]] + [world["targets"].get(np.array([i]))[0].tolist() for i in range(1, N_ITEMS + 1)]
+    torch.manual_seed(3)
+    cf = build(CFConfig(hidden=8, blocks=1, max_len=4), N_ITEMS)
+    return PromptBuilder(tokenizer, TITLES, slots=SLOTS[backbone], targets=pieces), HybridPrompt(cf, backbone, (0.0, 0.5))
+
+
+def hybrid_model(path, hybrid):
+    torch.manual_seed(0)
+    model = load_model(path, lora=LoraSettings(r=4, alpha=8, dropout=0.0), cf_dim=hybrid.cf_dim)
+    with torch.no_grad():  # LoRA B starts at 0: make the adapter matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["llara", "collm"])
+def test_hybrid_one_target_row_equals_its_per_sample_prompt(world, tiny_llama, tokenizer, tmp_path, backbone):
+    """LLaRA / CoLLM packed: each item's slot after its target ids (CoLLM: a user slot ending each line
+    break); a one-target row gives the losses and the LoRA and projector gradients of the sample's
+    items-format hybrid prompt, its user slots showing the history's prefixes."""
+    tiny_llama(seed=1).save_pretrained(tmp_path / "m")
+    builder, hybrid = hybrid_world(world, tokenizer, backbone)
+    samples = user_samples(4, seed=6)
+    windows = pack_samples(samples, 1)
+    order = windows.sample[windows.sample >= 0]
+    cfg = LossConfig("ntp")
+    batcher = Batcher(builder, world["targets"], world["trie"], None, cfg, 512, world["pad"], hybrid)
+    results = []
+    for path in ("packed", "per_sample"):
+        model = hybrid_model(tmp_path / "m", hybrid)
+        if path == "packed":
+            inputs, labels = batcher.packed(samples, windows)
+            histories = slot_histories(windows)
+        else:
+            inputs, labels = batcher.prepare(samples[order])
+            histories = prefix_histories(samples[order]["history"])
+        assert int((inputs.slot > 0).sum()) > 0 and int((inputs.slot < 0).sum()) == (len(histories) if backbone == "collm" else 0)
+        inputs = batcher.fill(inputs, histories)  # progress 1: every prompt hybrid
+        losses = position_losses(model.get_output_embeddings()(target_hidden(model, inputs)), labels, cfg)
+        losses.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert any("cf_projector" in n for n in grads)
+        results.append((losses.detach(), grads))
+    (packed, g_packed), (single, g_single) = results
+    torch.testing.assert_close(packed, single, rtol=1e-5, atol=1e-5)
+    assert g_packed.keys() == g_single.keys()
+    for name in g_packed:
+        torch.testing.assert_close(g_packed[name], g_single[name], rtol=1e-4, atol=1e-6)
+
+
+def test_user_slot_before_each_target_shows_its_sample_history():
+    """CoLLM packed: the user slot ending the line break before a target shows exactly that sample's
+    history (the slot after item i is the i-th, row-major); the tail's shows the whole row."""
+    samples = user_samples(5, seed=9)
+    windows = pack_samples(samples, 6)
+    shown = slot_histories(windows).to_list()
+    assert len(shown) == len(windows.item)
+    targets = np.flatnonzero(windows.sample >= 0)
+    assert all(targets >= 1)
+    for j in targets:
+        assert shown[j - 1] == samples["history"][int(windows.sample[j])].to_list()
+    ends = np.cumsum(windows.n_items)
+    for r, end in enumerate(ends):
+        assert shown[end - 1] == windows.item[end - windows.n_items[r]:end].tolist()
+    assert prefix_histories(pl.Series([[4, 5, 6]])).to_list() == [[4], [4, 5], [4, 5, 6]]
+
+
+def test_llara_text_only_packed_rows_hide_their_slots(world, tiny_llama, tokenizer, tmp_path):
+    """Before the curriculum starts every packed row is text-only: the targets' losses do not depend on
+    the CF vectors; once it has ended, they do."""
+    tiny_llama(seed=2).save_pretrained(tmp_path / "m")
+    builder, hybrid = hybrid_world(world, tokenizer, "llara")
+    hybrid.curriculum = (0.5, 0.5)
+    samples = user_samples(3, seed=8)
+    windows = pack_samples(samples, 4)
+    cfg = LossConfig("ntp")
+    batcher = Batcher(builder, world["targets"], world["trie"], None, cfg, 512, world["pad"], hybrid)
+    inputs, labels = batcher.packed(samples, windows)
+    model = hybrid_model(tmp_path / "m", hybrid)
+
+    def losses(progress, scale):
+        filled = batcher.fill(inputs, slot_histories(windows), progress)
+        filled = replace(filled, slot_vectors=filled.slot_vectors * scale)
+        with torch.no_grad():
+            return position_losses(model.get_output_embeddings()(target_hidden(model, filled)), labels, cfg)
+
+    torch.testing.assert_close(losses(0.0, 1.0), losses(0.0, 5.0), rtol=1e-5, atol=1e-5)
+    assert (losses(1.0, 1.0) - losses(1.0, 5.0)).abs().max() > 1e-3

@@ -287,7 +287,7 @@ def test_repo_experiments_resolve_against_stages_yaml():
     """Every variant of experiments.yaml names known params with well-typed values; the rows
     the paper's tables need are there."""
     experiments = load_experiments(experiment_file(REPO))
-    assert list(experiments) == ["main", "sid", "ablation", "recipe", "steps", "alpha", "cf_swap", "cf_size"]
+    assert list(experiments) == ["main", "sid", "ablation", "recipe", "steps", "loss", "alpha", "cf_swap", "cf_size"]
     for exp in experiments.values():
         for variant in exp.variants:
             Project(REPO, [*exp.shared, *variant.overrides])
@@ -312,3 +312,9 @@ def test_repo_experiments_resolve_against_stages_yaml():
     assert params("recipe", "full lr 1e-4") == default
     lora = params("recipe", "LoRA r16 all projections lr 1e-3")
     assert lora["train.finetune"] == "lora" and len(lora["lora.target_modules"]) == 7
+    # the loss choice starts from the default student; the hybrid rows train as the default does
+    assert experiments["loss"].select == "ndcg@10" and params("loss", "TallRec+TCA alpha 0.1") == default
+    assert params("loss", "MSL+TCA alpha 0.1") == {**params("main", "MSL+TCA"), "subset.valid": 500}
+    for row in ("LLaRA", "CoLLM+TCA"):
+        assert {k: params("main", row)[k] for k in ("train.packing", "train.finetune", "train.max_steps")} == \
+            {k: default[k] for k in ("train.packing", "train.finetune", "train.max_steps")}

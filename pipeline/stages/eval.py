@@ -33,8 +33,8 @@ def load_recommender(artifacts: Path, params: dict, device: str, cf=None):
         hybrid = HybridPrompt.load(adapter, cf if cf is not None else load_checkpoint(artifacts / "cf" / "model.pt", device, params["cf"]["model"]))
     bf16 = use_bf16(device, eval_config(params, artifacts / "data")[0].precision, "eval.precision")
     attention = params["llm"]["attn_implementation"]
-    if fmt["finetune"] == "full":  # the adapter dir holds the whole fine-tuned model
-        model = load_model(adapter, device=device, bf16=bf16, attention=attention)
+    if fmt["finetune"] == "full":  # the adapter dir holds the whole fine-tuned model (and a hybrid's projector)
+        model = load_model(adapter, device=device, bf16=bf16, attention=attention, cf_dim=None if hybrid is None else hybrid.cf_dim)
     else:
         model = load_model(artifacts / "model", adapter if adapter.is_dir() else None, device, merge=True, bf16=bf16,
                            cf_dim=None if hybrid is None else hybrid.cf_dim, attention=attention)

@@ -215,6 +215,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     from safetensors import safe_open
 
+    from tca.llm.base_model import weight_files
     from tca.llm.hybrid_prompt import PROJECTOR, RECORD
 
     if (artifact_dir / "adapter" / SID_RECORD).exists():
@@ -228,11 +229,20 @@ def inspect(artifact_dir: Path, params: dict) -> str:
                           *(f"  epoch {r['epoch']:>3}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['samples_per_s']:,.0f} samples/s"
                             + ("" if "valid" not in r else f"  valid {metric} {r['valid'][metric]:.4f}" + ("  (best)" if r.get("best") else ""))
                             for r in epochs)])
-    config = json.loads((artifact_dir / "adapter" / "adapter_config.json").read_text())
-    with safe_open(artifact_dir / "adapter" / "adapter_model.safetensors", framework="pt") as f:
-        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
-    n_projector = sum(n for k, n in sizes.items() if f".{PROJECTOR}." in k)
+    adapter = artifact_dir / "adapter"
+    full = read_format(adapter)["finetune"] == "full"
+    sizes = {}
+    for path in weight_files(adapter) if full else [adapter / "adapter_model.safetensors"]:
+        with safe_open(path, framework="pt") as f:
+            sizes |= {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    n_projector = sum(n for k, n in sizes.items() if f".{PROJECTOR}." in f".{k}")
     n_params = sum(sizes.values()) - n_projector
+    if full:
+        what = f"  fully fine-tuned: every weight, {n_params:,} parameters (adapter/ holds the whole model)"
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        what = (f"  adapter: LoRA r={config['r']} alpha={config['lora_alpha']} dropout={config['lora_dropout']} on "
+                f"{', '.join(sorted(config['target_modules']))}; {n_params:,} parameters")
     records = [json.loads(line) for line in (artifact_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     valid = [r for r in records if "valid" in r]
@@ -240,13 +250,12 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     lines = [
         f"train/: backbone {train['backbone']}, loss {train['loss']} (alpha {params['tca']['alpha']}), "
         f"msl {train['msl'] or train['backbone'] == 'msl'}",
-        f"  adapter: LoRA r={config['r']} alpha={config['lora_alpha']} dropout={config['lora_dropout']} on "
-        f"{', '.join(sorted(config['target_modules']))}; {n_params:,} parameters",
+        what,
     ]
     if (artifact_dir / "adapter" / RECORD).exists():
         record = json.loads((artifact_dir / "adapter" / RECORD).read_text())
         lines.append(f"  projector ({record['backbone']}): {record['cf_model']} vectors (d={record['cf_dim']}) -> the LLM's "
-                     f"input embeddings, MLP of {n_projector:,} parameters (in the adapter file)")
+                     f"input embeddings, MLP of {n_projector:,} parameters (saved with the {'weights' if full else 'adapter'})")
     if steps:
         speed = sorted(r["tokens_per_s"] for r in steps)
         lines.append(f"  {steps[-1]['step']} optimizer steps over {steps[-1]['epoch']:.2f} epochs; loss {steps[0]['loss']:.4f} "

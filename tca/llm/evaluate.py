@@ -18,6 +18,7 @@ from tca.config import check_keys
 from tca.errors import TcaError
 from tca.llm.hybrid_prompt import HybridPrompt
 from tca.llm.model import PRECISIONS
+from tca.llm.packing import prefix_histories
 from tca.metrics import KS, bootstrap_interval, list_ranks, per_sample_metrics, ranking_metrics, target_ranks
 from tca.llm.prompt import PromptBuilder
 from tca.ragged import pad
@@ -86,7 +87,8 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
             batch = histories.gather(rows)
             hist = batch.explode().drop_nulls().to_numpy()
             prompts = builder.build(hist, lengths[rows])
-            vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), batch)
+            users = prefix_histories(batch) if builder.items_format else batch  # what each user slot shows
+            vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), users)
             excluded = excluded_rows(trie, hist, lengths[rows]) if cfg.exclude_history else None
             leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors,
                                               cfg.tau, excluded)

@@ -14,7 +14,9 @@ the adapter file and merged like the LoRA weights; `save`/`load` here record whi
 (slot layout) and which CF model it was trained with.
 
 Text-only prompts of LLaRA's curriculum are the same sequences with their slots masked out of the
-attention (positions counted without them): exactly the text prompt, batched with hybrid ones.
+attention (positions counted without them): exactly the text prompt, batched with hybrid ones. In
+packed rows (`train.packing: items`: `tca.llm.packing`) a text-only row hides its slots from every
+other token the same way; the slots keep their positions.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 
 from tca.cf.base import CFModel, pad_histories
 from tca.errors import TcaError
+from tca.llm.packed_attention import key_blocks
 
 SLOTS = {"llara": ("item",), "collm": ("user", "item")}  # the hybrid backbones and the slots they add
 PROJECTOR = "cf_projector"  # the projector's attribute name on the LLM (and in the adapter file)
@@ -67,27 +70,45 @@ class HybridPrompt:
         return mix_ratio(progress, *self.curriculum) if self.backbone == "llara" else 1.0
 
     @torch.no_grad()
-    def vectors(self, slot: torch.Tensor, histories: pl.Series) -> torch.Tensor:
-        """CF vectors [S, d] of the slots of a padded batch (`slot` [B, T]: item id, -1 user, 0 no slot;
-        `histories`: each row's full history, oldest first), in row-major slot order."""
+    def vectors(self, slot: torch.Tensor, histories: pl.Series | None) -> torch.Tensor:
+        """CF vectors [S, d] of the slots of a padded batch (`slot` [B, T]: item id, -1 user, 0 no slot), in
+        row-major slot order; `histories`: the history each user slot shows, oldest first, in the same order
+        (per-sample prompts: each row's; the items format: `tca.llm.packing.slot_histories`)."""
         slot = slot.to(self.items.device)
-        at = slot != 0
-        shown = slot[at]
+        shown = slot[slot != 0]
         vectors = self.items[shown.clamp(min=0)]
         if "user" in self.slots:
+            is_user = shown < 0
+            if histories is None or len(histories) != int(is_user.sum()):
+                raise ValueError(f"{int(is_user.sum())} user slots need as many histories, got {None if histories is None else len(histories)}")
             users = self.cf.encode_users(pad_histories(histories, self.cf.cfg.max_len).to(self.items.device)).float()
-            vectors = torch.where((shown < 0)[:, None], users[at.nonzero()[:, 0]], vectors)
+            vectors = vectors.index_put((is_user.nonzero()[:, 0],), users)
         return vectors
 
     def fill(self, inputs, histories: pl.Series, progress: float = 1.0):
         """A training batch (`tca.llm.model.Inputs` with its slot map) with its slots' CF vectors; before the
-        curriculum's end, each sample is text-only (its slots masked out) with probability 1 - ratio,
-        drawn from torch's RNG (which training checkpoints restore)."""
+        curriculum's end, each sample (packed: each row) is text-only (its slots masked out) with probability
+        1 - ratio, drawn from torch's RNG (which training checkpoints restore). `histories`: what each user
+        slot shows (`vectors`)."""
         mask, ratio = inputs.attention_mask, self.ratio(progress)
+        if inputs.window_mask is not None:
+            return self._fill_packed(inputs, histories, ratio)
         if ratio < 1:
             text_only = torch.rand(len(mask)) >= ratio
             mask = mask.masked_fill(text_only[:, None] & (inputs.slot != 0), 0)
         return replace(inputs, attention_mask=mask, slot_vectors=self.vectors(inputs.slot, histories))
+
+    def _fill_packed(self, inputs, histories: pl.Series, ratio: float):
+        """Packed rows joined in one sequence (`tca.llm.packing.concatenate`): a text-only row's slots are
+        keys no other token sees (each still sees itself, so no softmax row is empty)."""
+        if ratio < 1:
+            row = (inputs.position_ids[0] == 0).cumsum(0) - 1  # each token's row
+            text_only = torch.rand(int(row[-1]) + 1) >= ratio
+            hidden = text_only[row] & (inputs.slot[0] != 0)
+            eye = torch.eye(len(row), dtype=torch.bool)
+            mask = inputs.window_mask & ~hidden[None, None, None, :] | eye
+            inputs = replace(inputs, window_mask=mask, key_blocks=key_blocks(mask))
+        return replace(inputs, slot_vectors=self.vectors(inputs.slot, histories))
 
     def save(self, adapter_dir: Path) -> None:
         record = {"backbone": self.backbone, "cf_model": self.cf.cfg.model, "cf_dim": self.cf_dim}

@@ -84,7 +84,9 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     weights read straight onto `device` in bf16 or fp32 (never a full fp32 copy in host memory first).
 
     - `adapter_dir`, `lora`, `merge`, `cf_dim`: see `prepare`.
-    - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says.
+    - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says; with `cf_dim`, a
+      fresh projector too. A fully fine-tuned hybrid model saves its projector with its weights: loading
+      that folder with `cf_dim` (and neither adapter nor LoRA) reads the projector back.
     - `attention`: transformers' attention implementation for training and prompts (`ATTENTION`);
       `sdpa` loads as `tca.llm.packed_attention`'s (SDPA that also runs packed rows block-locally);
       the beam search swaps in its own (`tca.llm.beam_attention`) while it decodes.
@@ -101,8 +103,25 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
                                                  device_map=torch.device(device),
                                                  attn_implementation=PACKED_SDPA if attention == "sdpa" else attention)
     if full:
-        return model.requires_grad_(True).eval()
-    return prepare(model, adapter_dir, lora, merge, cf_dim)
+        return prepare(model, cf_dim=cf_dim).requires_grad_(True).eval()
+    model = prepare(model, adapter_dir, lora, merge, cf_dim)
+    if cf_dim is not None and adapter_dir is None and lora is None:
+        load_projector(model, model_dir)
+    return model
+
+
+def load_projector(model, model_dir: Path) -> None:
+    """The saved projector of a fully fine-tuned hybrid model (its `cf_projector.*` tensors, which
+    transformers leaves out when it loads the folder) into `model`'s."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):  # save_pretrained's file or shards
+        with safe_open(path, framework="pt", device="cpu") as f:
+            state |= {key.removeprefix(PROJECTOR + "."): f.get_tensor(key) for key in f.keys() if key.startswith(PROJECTOR + ".")}
+    if not state:
+        raise TcaError(f"{model_dir} holds no {PROJECTOR} weights: it is not a fully fine-tuned hybrid model (llara, collm); rerun the train stage")
+    getattr(model, PROJECTOR).load_state_dict(state)
 
 
 def prepare(model, adapter_dir: Path | None = None, lora: LoraSettings | None = None, merge: bool = False,
@@ -217,21 +236,22 @@ def encode(builder: PromptBuilder, targets: ItemTargets, history: pl.Series, ite
 def target_hidden(model, inputs: Inputs) -> torch.Tensor:
     """Final hidden states [N, d] at the positions that predict the target ids (the decoder runs on
     the whole sequence; only these rows ever meet the LM head). Hybrid prompts enter as embeddings,
-    positions counted over the attended tokens (a masked-out slot takes none)."""
-    if inputs.key_blocks is not None and model.config._attn_implementation == PACKED_SDPA:
-        blocks = inputs.key_blocks
-        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=blocks.mask, key_index=blocks.index,
-                                  position_ids=inputs.position_ids, use_cache=False)
-        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
-    if inputs.window_mask is not None:
-        out = model.get_decoder()(input_ids=inputs.input_ids, attention_mask=model_mask(model, inputs.window_mask),
-                                  position_ids=inputs.position_ids, use_cache=False)
-        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
+    positions counted over the attended tokens (a masked-out slot takes none; packed rows: their own)."""
     if inputs.slot is None:
         tokens = {"input_ids": inputs.input_ids}
     else:
-        tokens = {"inputs_embeds": input_embeds(model, inputs.input_ids, inputs.slot, inputs.slot_vectors),
-                  "position_ids": (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)}
+        tokens = {"inputs_embeds": input_embeds(model, inputs.input_ids, inputs.slot, inputs.slot_vectors)}
+    if inputs.key_blocks is not None and model.config._attn_implementation == PACKED_SDPA:
+        blocks = inputs.key_blocks
+        out = model.get_decoder()(**tokens, attention_mask=blocks.mask, key_index=blocks.index,
+                                  position_ids=inputs.position_ids, use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
+    if inputs.window_mask is not None:
+        out = model.get_decoder()(**tokens, attention_mask=model_mask(model, inputs.window_mask),
+                                  position_ids=inputs.position_ids, use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)[inputs.target_pos]
+    if inputs.slot is not None:
+        tokens["position_ids"] = (inputs.attention_mask.cumsum(1) - 1).clamp(min=0)
     mask = inputs.attention_mask
     if model.config._attn_implementation in ("sdpa", PACKED_SDPA):  # from [B, T], HF reads the mask back to see if it may skip it: a GPU wait per forward
         causal = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()

@@ -13,6 +13,11 @@ item's states carry the items of its own (older) window, so only the first targe
 exactly what its evaluation prompt (`PromptBuilder` in the items format) shows. A row holding one
 target equals the per-sample prompt of the items format token for token.
 
+LLaRA and CoLLM pack the same way, with their CF slots in the items format (`PromptBuilder`): an item
+slot after each item's target ids shows that item's CF vector, as in the per-sample prompts; CoLLM's
+user slot ends the line break before each item and shows the user vector of that item's window
+(`slot_histories`), so every target reads its own sample's user vector right before its first token.
+
 Rows are chains of samples: sample b continues sample a when they have the same user and b's
 history is a's history followed by a's target (its last `len(history_b)` items), so the pairs
 (history, target) a packed epoch supervises are exactly the selected samples.
@@ -29,7 +34,7 @@ from tca.errors import TcaError
 from tca.llm.model import Inputs
 from tca.llm.packed_attention import key_blocks
 from tca.llm.prompt import PromptBuilder
-from tca.ragged import concat_ranges, pad, ragged_index
+from tca.ragged import concat_ranges, list_series, pad, ragged_index
 
 PACKINGS = ("none", "items")
 
@@ -102,6 +107,7 @@ class PackedRows:
     target_len: np.ndarray  # int64 [S]: ids per supervised sample, in row order
     sample: np.ndarray  # int64 [S]: the sample row of each supervised target, in row order
     position_ids: torch.Tensor | None = None  # int64 [R, T] when the rows are not each at positions 0.. (`concatenate`)
+    slot: torch.Tensor | None = None  # int64 [R, T], CF slots: the item id at an item's slot, -1 at a user slot, else 0
 
 
 def encode_windows(builder: PromptBuilder, windows: Windows, pad_id: int) -> PackedRows:
@@ -135,13 +141,33 @@ def encode_windows(builder: PromptBuilder, windows: Windows, pad_id: int) -> Pac
     mask = (causal & seen & real[:, :, None]) | torch.eye(width, dtype=torch.bool)  # padding sees itself only (no empty softmax)
 
     is_target = windows.sample >= 0
-    t_len = piece_len[is_target]
+    t_len = piece_len[is_target] - builder.item_slot  # an item's slot follows its target ids
     t_start = (item_row * width + start)[is_target]
     target_pos = concat_ranges(t_start - 1, t_len)  # the token before each target id predicts it
     target = prompts.ids[concat_ranges(row_offset[item_row[is_target]] + start[is_target], t_len)]
+    slot = None if prompts.slot is None else torch.from_numpy(pad(prompts.slot, lengths, fill=0, width=width))
     return PackedRows(input_ids=torch.from_numpy(pad(prompts.ids, lengths, fill=pad_id, width=width)), lengths=lengths,
                       mask=mask[:, None], target_pos=torch.from_numpy(target_pos), target=torch.from_numpy(target),
-                      target_len=t_len, sample=windows.sample[is_target])
+                      target_len=t_len, sample=windows.sample[is_target], slot=slot)
+
+
+def slot_histories(windows: Windows) -> pl.Series:
+    """The history each user slot of these rows shows, in row-major slot order: the slot after item i
+    precedes item i + 1, so it shows item i + 1's window (the last slot of a row, the tail: every item)."""
+    row, pos = ragged_index(windows.n_items)
+    last = pos + 1 == windows.n_items[row]
+    window = np.where(last, pos + 1, windows.window[np.minimum(np.arange(len(pos)) + 1, len(pos) - 1)])
+    start = np.arange(len(pos)) + 1 - window
+    return list_series(windows.item[concat_ranges(start, window)], window)
+
+
+def prefix_histories(histories: pl.Series) -> pl.Series:
+    """The user-slot histories of items-format prompts (one per history item: each prefix of the
+    history, the whole history last), as `slot_histories` gives them for a one-target row."""
+    lengths = histories.list.len().to_numpy().astype(np.int64)
+    _, pos = ragged_index(lengths)
+    flat = histories.explode().drop_nulls().to_numpy().astype(np.int64)
+    return slot_histories(Windows(n_items=lengths, item=flat, sample=np.full(len(flat), -1), window=pos))
 
 
 def select_rows(windows: Windows, rows: np.ndarray) -> Windows:
@@ -162,13 +188,14 @@ def concatenate(rows: PackedRows) -> PackedRows:
     offset = torch.from_numpy(np.cumsum(rows.lengths) - rows.lengths)
     return PackedRows(input_ids=rows.input_ids[row, pos][None], lengths=np.array([len(row)]), mask=mask[None, None],
                       target_pos=offset[rows.target_pos // width] + rows.target_pos % width, target=rows.target,
-                      target_len=rows.target_len, sample=rows.sample, position_ids=pos[None])
+                      target_len=rows.target_len, sample=rows.sample, position_ids=pos[None],
+                      slot=None if rows.slot is None else rows.slot[row, pos][None])
 
 
 def as_inputs(rows: PackedRows) -> Inputs:
     """Concatenated rows as model inputs, with their mask in both forms: chunked for the sdpa models
     (`tca.llm.packed_attention`), dense for the others."""
-    return Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len,
+    return Inputs(rows.input_ids, torch.ones_like(rows.input_ids), rows.target_pos, rows.target, rows.target_len, slot=rows.slot,
                   window_mask=rows.mask, key_blocks=key_blocks(rows.mask), position_ids=rows.position_ids)
 
 

@@ -12,7 +12,9 @@ BOS but never adds it (SmolLM2's `<|im_start|>`, a chat-role marker) or has none
 
 Hybrid prompts (LLaRA, CoLLM: `tca.llm.hybrid_prompt`) add CF embedding slots to the same template: a
 slot is a placeholder token that ends an item's piece (after its title) or sits in the tail (the
-user), so `build` and `fit` count and place slots like any other token.
+user), so `build` and `fit` count and place slots like any other token. In the items format (packed
+training) a user slot ends every separator and the tail: it shows the user vector of the items
+before the item that follows it (`tca.llm.packing.slot_histories`).
 """
 from __future__ import annotations
 
@@ -97,15 +99,15 @@ class PromptBuilder:
         `targets` (the items format of packed training, `tca.llm.packing`): `targets[i]` is item i's
         target ids (title + EOS, as the trie has them); every history item is then written as its target
         ids, one per line, and the prompt ends with the line break a generated item follows, so a
-        prompt reads exactly like the start of a packed row."""
+        prompt reads exactly like the start of a packed row. An item slot then follows each item's
+        target ids (`title EOS [slot]`), a user slot each line break (`\n[slot]`); `item_slot` counts
+        the former."""
         head, tail = cfg.text("instruction") + cfg.text("before_history"), cfg.text("after_history")
         if set(slots) - set(SLOTS):
             raise ValueError(f"slots {slots}: only {SLOTS}")
         self.titles = list(titles)
         self.items_format = targets is not None
         if self.items_format:
-            if slots:
-                raise TcaError("the items format (train.packing: items) has no CF slots; use train.packing: none for llara / collm")
             if len(targets) != len(titles):
                 raise ValueError(f"{len(targets)} target id lists for {len(titles)} titles")
             head = cfg.text("instruction") + "\nUser interaction history, one per line:\n"
@@ -121,13 +123,17 @@ class PromptBuilder:
         self.bos = bos_ids(tokenizer)
         pieces[self.HEAD] = [*self.bos, *pieces[self.HEAD]]
         self.pad_id = slot_id = pad_id(tokenizer)
-        if "user" in slots:  # the tail opens with the user's feature: text, then its slot
+        if "user" in slots and self.items_format:  # every line break before an item ends with a user slot
+            pieces[self.SEP], pieces[self.TAIL] = [*pieces[self.SEP], slot_id], [*pieces[self.TAIL], slot_id]
+        elif "user" in slots:  # the tail opens with the user's feature: text, then its slot
             pieces[self.TAIL] = [*user_lead, slot_id, *pieces[self.TAIL]]
         self.slots = tuple(slots)
         self.piece_len = np.array([len(p) for p in pieces], dtype=np.int64)
         self.piece_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
         slot = np.zeros_like(self.piece_ids)  # per token: what a slot there shows (0: not a slot)
-        if "user" in slots:
+        if "user" in slots and self.items_format:
+            slot[np.cumsum(self.piece_len)[[self.SEP, self.TAIL]] - 1] = -1
+        elif "user" in slots:
             slot[self.piece_len[: self.TAIL].sum() + len(user_lead)] = -1
         if "item" in slots:  # a slot token ends each item's piece, after its title
             items = np.arange(1, self.n_items)
@@ -136,6 +142,7 @@ class PromptBuilder:
             self.piece_len[items] += 1
         self.piece_start = np.cumsum(self.piece_len) - self.piece_len
         self.piece_slot = slot if slots else None
+        self.item_slot = int("item" in slots)  # tokens after an item's title (or target ids) in its piece
 
     def _check(self, history: np.ndarray) -> None:
         if len(history) and (history.min() < 1 or history.max() >= self.n_items):

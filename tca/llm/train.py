@@ -50,7 +50,7 @@ from tca.llm.evaluate import EvalConfig, recommend, score_lists
 from tca.llm.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
 from tca.llm.model import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
 from tca.llm.losses import Labels, LossConfig, make_labels, position_losses
-from tca.llm.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, unpad
+from tca.llm.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, slot_histories, unpad
 from tca.llm.prefetch import Prefetch
 from tca.llm.prompt import PromptBuilder
 from tca.ragged import ragged_index
@@ -116,14 +116,10 @@ class TrainConfig:
             raise TcaError(f"train.valid_metric: {self.valid_metric!r} must be hr@k or ndcg@k with k <= train.valid_beams")
         if self.packing not in PACKINGS:
             raise TcaError(f"train.packing: {self.packing!r} is not one of {', '.join(PACKINGS)}")
-        if self.packing == "items" and self.backbone in SLOTS:
-            raise TcaError(f"train.packing: items does not carry the CF slots of {self.backbone}; use train.packing: none")
         if self.pack_targets < 1:
             raise TcaError(f"train.pack_targets: {self.pack_targets} must be >= 1")
         if self.finetune not in FINETUNES:
             raise TcaError(f"train.finetune: {self.finetune!r} is not one of {', '.join(FINETUNES)}")
-        if self.finetune == "full" and self.backbone in SLOTS:
-            raise TcaError(f"train.finetune: full is for tallrec / msl; {self.backbone}'s projector trains beside a LoRA adapter")
         if self.precision not in PRECISIONS:
             raise TcaError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         self.loss_config  # validates loss, alpha, msl_tau
@@ -158,7 +154,7 @@ class Batcher:
     def __call__(self, rows: pl.DataFrame, progress: float = 1.0) -> tuple[Inputs, Labels]:
         """`progress`: the share of training done (LLaRA's curriculum mixes text-only prompts in before its end)."""
         inputs, labels = self.prepare(rows)
-        return self.fill(inputs, rows, progress), labels
+        return self.fill(inputs, rows["history"], progress), labels
 
     def prepare(self, rows: pl.DataFrame) -> tuple[Inputs, Labels]:
         """Everything but the CF slots' vectors (`fill`); draws no random numbers, so it may run in another thread."""
@@ -168,9 +164,10 @@ class Batcher:
         soft = self.dist.read(rows["sample_id"].to_numpy()) if self.cfg.uses_q else None
         return inputs, make_labels(inputs.target.numpy(), inputs.target_len, soft, self.trie, self.cfg)
 
-    def fill(self, inputs: Inputs, rows: pl.DataFrame, progress: float = 1.0) -> Inputs:
-        """The CF slots of hybrid prompts; the curriculum draws from torch's RNG, so call it where the model runs."""
-        return inputs if self.hybrid is None else self.hybrid.fill(inputs, rows["history"], progress)
+    def fill(self, inputs: Inputs, histories: pl.Series, progress: float = 1.0) -> Inputs:
+        """The CF slots of hybrid prompts (`histories`: what each user slot shows, `HybridPrompt.vectors`);
+        the curriculum draws from torch's RNG, so call it where the model runs."""
+        return inputs if self.hybrid is None else self.hybrid.fill(inputs, histories, progress)
 
     def lengths(self, rows: pl.DataFrame) -> np.ndarray:
         """Tokens of each sample's sequence (fitted prompt + target) as `prepare` builds it, without building it."""
@@ -426,7 +423,9 @@ class Trainer:
         loss_sum, n_tokens = torch.zeros((), device=self.device), 0
         for piece, (inputs, labels) in zip(units, batches):  # zip takes no more batches than this step has
             if self.batcher.hybrid is not None:
-                inputs = self.batcher.fill(inputs, self.samples[piece], self.state["step"] / self.total_steps)
+                histories = (self.samples[piece]["history"] if self.windows is None  # packed: `piece` holds rows
+                             else slot_histories(select_rows(self.windows, piece)))
+                inputs = self.batcher.fill(inputs, histories, self.state["step"] / self.total_steps)
             n_tokens += inputs.n_tokens  # host tensors
             loss_sum += self.micro_step(inputs, labels, n_target)
         loss_sum, n_tokens = ddp.sum_gradients(self.params, [loss_sum, n_tokens], self.world)
