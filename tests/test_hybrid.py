@@ -381,12 +381,13 @@ def test_train_eval_stages_and_recommend(world, tokenizer, tiny_model_dir, tmp_p
         from safetensors.torch import load_file
 
         model = load_model(adapter, cf_dim=hybrid.cf_dim)
-        saved = load_file(adapter / "model.safetensors")[f"{PROJECTOR}.0.weight"]
+        assert not any(k.startswith(PROJECTOR) for k in load_file(adapter / "model.safetensors"))  # transformers loads it cleanly
+        saved = load_file(adapter / "cf_projector.safetensors")["0.weight"]
         torch.manual_seed(params["train"]["seed"])
         fresh = load_model(artifacts / "model", cf_dim=hybrid.cf_dim, full=True)
         assert torch.equal(getattr(model, PROJECTOR)[0].weight, saved)
         assert not torch.equal(saved, getattr(fresh, PROJECTOR)[0].weight)
-        with pytest.raises(TcaError, match="holds no cf_projector weights"):  # a folder without one: the base model
+        with pytest.raises(TcaError, match="holds no cf_projector.safetensors"):  # a folder without one: the base model
             load_model(artifacts / "model", cf_dim=hybrid.cf_dim)
     else:
         model = load_model(artifacts / "model", adapter, cf_dim=hybrid.cf_dim)

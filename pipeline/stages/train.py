@@ -217,6 +217,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
 
     from tca.llm.base_model import weight_files
     from tca.llm.hybrid_prompt import PROJECTOR, RECORD
+    from tca.llm.model import PROJECTOR_FILE
 
     if (artifact_dir / "adapter" / SID_RECORD).exists():
         record = json.loads((artifact_dir / "adapter" / SID_RECORD).read_text())
@@ -232,10 +233,12 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     adapter = artifact_dir / "adapter"
     full = read_format(adapter)["finetune"] == "full"
     sizes = {}
-    for path in weight_files(adapter) if full else [adapter / "adapter_model.safetensors"]:
+    # a fully fine-tuned hybrid's projector has a file of its own; an adapter holds its projector
+    files = [*weight_files(adapter), *adapter.glob(PROJECTOR_FILE)] if full else [adapter / "adapter_model.safetensors"]
+    for path in files:
         with safe_open(path, framework="pt") as f:
-            sizes |= {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
-    n_projector = sum(n for k, n in sizes.items() if f".{PROJECTOR}." in f".{k}")
+            sizes |= {f"{path.name}:{k}": math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    n_projector = sum(n for k, n in sizes.items() if k.startswith(PROJECTOR_FILE) or f".{PROJECTOR}." in k)
     n_params = sum(sizes.values()) - n_projector
     if full:
         what = f"  fully fine-tuned: every weight, {n_params:,} parameters (adapter/ holds the whole model)"

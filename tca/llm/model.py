@@ -18,6 +18,8 @@ import torch
 from tca.config import check_keys
 from tca.errors import TcaError
 from tca.llm.hybrid_prompt import PROJECTOR, Projector, input_embeds
+
+PROJECTOR_FILE = "cf_projector.safetensors"  # beside a fully fine-tuned hybrid model's weights (`save_model`)
 from tca.llm.packed_attention import NAME as PACKED_SDPA, KeyBlocks
 from tca.llm.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
@@ -85,8 +87,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
 
     - `adapter_dir`, `lora`, `merge`, `cf_dim`: see `prepare`.
     - `full`: every weight trainable (full fine-tuning), kept in fp32 whatever `bf16` says; with `cf_dim`, a
-      fresh projector too. A fully fine-tuned hybrid model saves its projector with its weights: loading
-      that folder with `cf_dim` (and neither adapter nor LoRA) reads the projector back.
+      fresh projector too. A fully fine-tuned hybrid model keeps its projector beside its weights
+      (`save_model`): loading that folder with `cf_dim` (and neither adapter nor LoRA) reads it back.
     - `attention`: transformers' attention implementation for training and prompts (`ATTENTION`);
       `sdpa` loads as `tca.llm.packed_attention`'s (SDPA that also runs packed rows block-locally);
       the beam search swaps in its own (`tca.llm.beam_attention`) while it decodes.
@@ -110,18 +112,28 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
     return model
 
 
-def load_projector(model, model_dir: Path) -> None:
-    """The saved projector of a fully fine-tuned hybrid model (its `cf_projector.*` tensors, which
-    transformers leaves out when it loads the folder) into `model`'s."""
-    from safetensors import safe_open
+def save_model(model, folder: Path) -> None:
+    """`save_pretrained`; a fully fine-tuned hybrid model's projector goes to its own file (`PROJECTOR_FILE`),
+    as transformers would not load it back from the model's weights (a LoRA adapter keeps it, peft does)."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
 
-    state = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):  # save_pretrained's file or shards
-        with safe_open(path, framework="pt", device="cpu") as f:
-            state |= {key.removeprefix(PROJECTOR + "."): f.get_tensor(key) for key in f.keys() if key.startswith(PROJECTOR + ".")}
-    if not state:
-        raise TcaError(f"{model_dir} holds no {PROJECTOR} weights: it is not a fully fine-tuned hybrid model (llara, collm); rerun the train stage")
-    getattr(model, PROJECTOR).load_state_dict(state)
+    projector = None if isinstance(model, PeftModel) else getattr(model, PROJECTOR, None)
+    if projector is None:
+        model.save_pretrained(folder)
+        return
+    model.save_pretrained(folder, state_dict={k: v for k, v in model.state_dict().items() if not k.startswith(PROJECTOR + ".")})
+    save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, Path(folder) / PROJECTOR_FILE)
+
+
+def load_projector(model, model_dir: Path) -> None:
+    """The projector `save_model` wrote beside a fully fine-tuned hybrid model, into `model`'s."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / PROJECTOR_FILE
+    if not path.exists():
+        raise TcaError(f"{model_dir} holds no {PROJECTOR_FILE}: it is not a fully fine-tuned hybrid model (llara, collm); rerun the train stage")
+    getattr(model, PROJECTOR).load_state_dict(load_file(path))
 
 
 def prepare(model, adapter_dir: Path | None = None, lora: LoraSettings | None = None, merge: bool = False,

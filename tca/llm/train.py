@@ -48,7 +48,7 @@ from tca.collab.store import DistReader
 from tca.errors import TcaError
 from tca.llm.evaluate import EvalConfig, recommend, score_lists
 from tca.llm.hybrid_prompt import PROJECTOR, SLOTS, HybridPrompt
-from tca.llm.model import PRECISIONS, Inputs, ItemTargets, encode, head_logits, target_hidden, use_bf16
+from tca.llm.model import PRECISIONS, Inputs, ItemTargets, encode, head_logits, save_model, target_hidden, use_bf16
 from tca.llm.losses import Labels, LossConfig, make_labels, position_losses
 from tca.llm.packing import PACKINGS, Windows, as_inputs, concatenate, encode_windows, pack_samples, select_rows, slot_histories, unpad
 from tca.llm.prefetch import Prefetch
@@ -328,7 +328,7 @@ class Trainer:
             return
         tmp, final = self.work_dir / "adapter.tmp", self.work_dir / "adapter"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        save_model(self.model, tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
