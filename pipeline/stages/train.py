@@ -258,7 +258,7 @@ def inspect(artifact_dir: Path, params: dict) -> str:
     if (artifact_dir / "adapter" / RECORD).exists():
         record = json.loads((artifact_dir / "adapter" / RECORD).read_text())
         lines.append(f"  projector ({record['backbone']}): {record['cf_model']} vectors (d={record['cf_dim']}) -> the LLM's "
-                     f"input embeddings, MLP of {n_projector:,} parameters (saved with the {'weights' if full else 'adapter'})")
+                     f"input embeddings, MLP of {n_projector:,} parameters (in {PROJECTOR_FILE if full else 'the adapter file'})")
     if steps:
         speed = sorted(r["tokens_per_s"] for r in steps)
         lines.append(f"  {steps[-1]['step']} optimizer steps over {steps[-1]['epoch']:.2f} epochs; loss {steps[0]['loss']:.4f} "
