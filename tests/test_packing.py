@@ -13,7 +13,7 @@ from tca.collab.store import DistReader, DistWriter
 from tca.llm.model import Inputs, ItemTargets, LoraSettings, encode, load_model, target_hidden
 from tca.llm.losses import LossConfig, make_labels, position_losses
 from tca.llm.packed_attention import key_blocks
-from tca.llm.packing import encode_windows, pack_samples, prefix_histories, slot_histories
+from tca.llm.packing import encode_windows, pack_samples, prefix_histories, select_rows, slot_histories
 from tca.llm.prompt import PromptBuilder
 from tca.llm.train import Batcher, TrainConfig, Trainer
 from tca.collab.trie import build_trie, target_ids
@@ -178,9 +178,11 @@ def test_tokens_outside_a_window_do_not_reach_its_target(world, tiny_llama, tmp_
                     assert (after[k] - before[k]).abs().max() > 1e-3
 
 
-def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path, host_syncs):
+@pytest.mark.parametrize("backbone, finetune", [("tallrec", "lora"), ("llara", "lora"), ("collm", "full")])
+def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path, host_syncs, backbone, finetune):
     """A packed run: every step's loss finite, the loss falls, q reaches the packed targets, resume is
-    exact; a micro-batch's forward and backward make no host sync."""
+    exact (LLaRA: its curriculum's draws too; CoLLM: the projector of a fully fine-tuned model); a
+    micro-batch's forward and backward make no host sync."""
     tiny_llama(seed=0, initializer_range=0.3).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     samples = user_samples(5, seed=8)
@@ -188,20 +190,26 @@ def test_trainer_trains_packed_rows(world, tiny_llama, tokenizer, tmp_path, host
     writer = DistWriter(tmp_path / "dist.zarr", {"trie_hash": world["trie"].digest()})
     writer.append(samples["sample_id"].to_numpy(), token_dist(world["trie"], samples["item_id"].to_numpy(), scores, CollabConfig()))
     writer.close()
-    cfg = TrainConfig(epochs=4, micro_batch=2, grad_accum=1, lr=5e-3, eval_every=0, log_every=1, precision="fp32",
-                      packing="items", pack_targets=4, loss="tca", alpha=0.3, checkpoint_every=3)
+    cfg = TrainConfig(backbone=backbone, epochs=4, micro_batch=2, grad_accum=1, lr=5e-3 if finetune == "lora" else 1e-3,
+                      eval_every=0, log_every=1, precision="fp32", packing="items", pack_targets=4, loss="tca", alpha=0.3,
+                      checkpoint_every=3, finetune=finetune)
+    builder, hybrid = (world["builder"], None) if backbone == "tallrec" else hybrid_world(world, tokenizer, backbone)
 
     def make(work):
         torch.manual_seed(cfg.seed)
-        model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-        batcher = Batcher(world["builder"], world["targets"], world["trie"], DistReader(tmp_path / "dist.zarr", world["trie"]),
-                          cfg.loss_config, cfg.max_len, world["pad"])
+        model = load_model(tmp_path / "m", lora=LoraSettings(r=4, alpha=8, dropout=0.0) if finetune == "lora" else None,
+                           cf_dim=None if hybrid is None else hybrid.cf_dim, full=finetune == "full")
+        batcher = Batcher(builder, world["targets"], world["trie"], DistReader(tmp_path / "dist.zarr", world["trie"]),
+                          cfg.loss_config, cfg.max_len, world["pad"], hybrid)
         return Trainer(model, batcher, samples, None, cfg, work, log=lambda m: None)
 
     t = make(tmp_path / "a")
     assert t.n_units == len(pack_samples(samples, 4).n_items) < samples.height
     rows = t.order(0)[: t.step_size]
-    inputs, labels = t.prepare(t.micro_batches(rows)[0])
+    units = t.micro_batches(rows)[0]
+    inputs, labels = t.prepare(units)
+    if hybrid is not None:
+        inputs = t.batcher.fill(inputs, slot_histories(select_rows(t.windows, units)))
     with host_syncs() as syncs:
         t.micro_step(inputs, labels, int(t.target_len[rows].sum()))
     assert syncs.calls == [] and inputs.window_mask is not None
