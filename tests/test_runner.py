@@ -53,22 +53,23 @@ def run(ctx):
 '''
 
 
-def make_project(tmp_path: Path, stages: dict | None = None) -> Path:
-    """A project folder with stages a -> b, in a package with a unique name (fresh imports)."""
+def make_project(tmp_path: Path, stages: dict | None = None, sources: dict | None = None, params: dict | None = None) -> Path:
+    """A project folder with stages a -> b (or `stages` whose entries say `{pkg}.<module>`, over the
+    module `sources`), in a package with a unique name (fresh imports)."""
     pkg = f"toy_{uuid.uuid4().hex[:8]}"
     root = tmp_path / "proj"
     (root / pkg).mkdir(parents=True)
     (root / pkg / "__init__.py").write_text("")
-    (root / pkg / "a.py").write_text(STAGE_A)
-    (root / pkg / "b.py").write_text(STAGE_B)
+    for name, source in (sources or {"a": STAGE_A, "b": STAGE_B}).items():
+        (root / pkg / f"{name}.py").write_text(source)
     (root / "lib.py").write_text("X = 1\n")
     (root / "input.txt").write_text("hello ")
     doc = {
-        "stages": stages or {
+        "stages": {name: {**spec, "entry": spec["entry"].format(pkg=pkg)} for name, spec in stages.items()} if stages else {
             "a": {"entry": f"{pkg}.a", "code": ["lib.py"], "deps": [], "params": ["a"], "outs": ["out.txt"]},
             "b": {"entry": f"{pkg}.b", "deps": ["a"], "params": ["b.suffix"], "outs": ["out.txt"]},
         },
-        "params": {
+        "params": params or {
             "a": {"path": str(root / "input.txt"), "factor": 2, "counter": str(tmp_path / "counter")},
             "b": {"suffix": "!", "unused": 0.5},
         },
@@ -155,17 +156,10 @@ def run(ctx):
 
 
 def test_stage_reading_part_of_a_dep_is_stale_only_when_that_part_changes(tmp_path):
-    pkg = f"toy_{uuid.uuid4().hex[:8]}"
-    root = tmp_path / "proj"
-    (root / pkg).mkdir(parents=True)
-    (root / pkg / "__init__.py").write_text("")
-    (root / pkg / "a.py").write_text(STAGE_TWO_OUTS)
-    (root / pkg / "c.py").write_text(STAGE_READS_ONE)
     counter = tmp_path / "counter"
-    (root / "stages.yaml").write_text(yaml.safe_dump({
-        "stages": {"a": {"entry": f"{pkg}.a", "deps": [], "params": ["a"], "outs": ["out.txt", "other.txt"]},
-                   "c": {"entry": f"{pkg}.c", "deps": ["a"], "params": ["c"], "outs": ["out.txt"]}},
-        "params": {"a": {"factor": 2, "other": 1}, "c": {"counter": str(counter)}}}))
+    root = make_project(tmp_path, {"a": {"entry": "{pkg}.a", "deps": [], "params": ["a"], "outs": ["out.txt", "other.txt"]},
+                                   "c": {"entry": "{pkg}.c", "deps": ["a"], "params": ["c"], "outs": ["out.txt"]}},
+                        {"a": STAGE_TWO_OUTS, "c": STAGE_READS_ONE}, {"a": {"factor": 2, "other": 1}, "c": {"counter": str(counter)}})
     assert Project(root).run(log=quiet) == ["a", "c"]
     lock = yaml.safe_load((root / "stages.lock").read_text())
     assert list(lock["c"]["deps"]) == ["stage:a/out.txt"]
