@@ -302,18 +302,18 @@ def test_repo_experiments_resolve_against_stages_yaml():
     def params(exp, name):
         spec = experiments[exp]
         return Project(REPO, [*spec.shared, *next(v for v in spec.variants if v.name == name).overrides]).flat
-    assert params("main", "SASRec") == params("main", "TallRec+TCA")
+    assert params("main", "SASRec") == params("main", "TallRec")
     assert params("main", "BERT4Rec") == params("cf_swap", "TCA (BERT4Rec)")
     assert params("main", "MSL+TCA") == params("ablation", "TCA") == params("alpha", "tca.alpha=0.1") == params("cf_size", "TCA 100%")
-    assert params("sid", "SASRec") == params("sid", "TIGER+TCA")
+    assert params("sid", "SASRec") == params("sid", "TIGER")
     # the recipe's first point is the default recipe, on the larger valid subset it chooses by
     assert experiments["recipe"].select == "ndcg@10"
     default = {**Project(REPO, []).flat, "subset.valid": 500}
-    assert params("recipe", "full lr 1e-4") == default
+    assert params("recipe", "full lr 1e-4") == {**default, "train.loss": "tca"}
     lora = params("recipe", "LoRA r16 all projections lr 1e-3")
     assert lora["train.finetune"] == "lora" and len(lora["lora.target_modules"]) == 7
     # the loss choice starts from the default student; the hybrid rows train as the default does
-    assert experiments["loss"].select == "ndcg@10" and params("loss", "TallRec+TCA alpha 0.1") == default
+    assert experiments["loss"].select == "ndcg@10" and params("loss", "TallRec NTP") == default
     assert params("loss", "MSL+TCA alpha 0.1") == {**params("main", "MSL+TCA"), "subset.valid": 500}
     for row in ("LLaRA", "CoLLM+TCA"):
         assert {k: params("main", row)[k] for k in ("train.packing", "train.finetune", "train.max_steps")} == \
