@@ -87,8 +87,10 @@ def recommend(model, builder: PromptBuilder, trie: Trie, histories: pl.Series, c
             batch = histories.gather(rows)
             hist = batch.explode().drop_nulls().to_numpy()
             prompts = builder.build(hist, lengths[rows])
-            users = prefix_histories(batch) if builder.items_format else batch  # what each user slot shows
-            vectors = None if hybrid is None else hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), users)
+            vectors = None
+            if hybrid is not None:  # what each user slot shows: the history, or (items format) each of its prefixes
+                users = prefix_histories(batch) if builder.items_format and "user" in hybrid.slots else batch
+                vectors = hybrid.vectors(torch.from_numpy(pad(prompts.slot, prompts.lengths, 0)), users)
             excluded = excluded_rows(trie, hist, lengths[rows]) if cfg.exclude_history else None
             leaves, leaf_scores = beam_search(model, prompts, dtrie, cfg.num_beams, cfg.length_penalty, cfg.renormalize, vectors,
                                               cfg.tau, excluded)

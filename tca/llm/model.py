@@ -18,11 +18,11 @@ import torch
 from tca.config import check_keys
 from tca.errors import TcaError
 from tca.llm.hybrid_prompt import PROJECTOR, Projector, input_embeds
-
-PROJECTOR_FILE = "cf_projector.safetensors"  # beside a fully fine-tuned hybrid model's weights (`save_model`)
 from tca.llm.packed_attention import NAME as PACKED_SDPA, KeyBlocks
 from tca.llm.prompt import PromptBuilder
 from tca.ragged import concat_ranges, pad, ragged_index
+
+PROJECTOR_FILE = "cf_projector.safetensors"  # beside a fully fine-tuned hybrid model's weights (`save_model`)
 
 
 @dataclass(frozen=True)

@@ -423,8 +423,10 @@ class Trainer:
         loss_sum, n_tokens = torch.zeros((), device=self.device), 0
         for piece, (inputs, labels) in zip(units, batches):  # zip takes no more batches than this step has
             if self.batcher.hybrid is not None:
-                histories = (self.samples[piece]["history"] if self.windows is None  # packed: `piece` holds rows
-                             else slot_histories(select_rows(self.windows, piece)))
+                if self.windows is None:
+                    histories = self.samples[piece]["history"]
+                else:  # packed: `piece` holds rows; only user slots (CoLLM) read what they show
+                    histories = slot_histories(select_rows(self.windows, piece)) if "user" in self.batcher.hybrid.slots else None
                 inputs = self.batcher.fill(inputs, histories, self.state["step"] / self.total_steps)
             n_tokens += inputs.n_tokens  # host tensors
             loss_sum += self.micro_step(inputs, labels, n_target)
