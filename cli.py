@@ -14,7 +14,7 @@ from pipeline.runner import Project, human, find_root  # noqa: E402
 from tca.errors import TcaError  # noqa: E402
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override a param for this invocation (repeatable), e.g. --set train.alpha=0.3.")
+                          help="Override a param for this invocation (repeatable), e.g. --set cf.loss=bce.")
 params_option = click.option("--params", "params_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                              help="A YAML file of param overrides, nested like stages.yaml `params:` (e.g. params/paper.yaml); --set wins over it.")
 device_option = click.option("--device", default="auto", show_default=True,
@@ -107,6 +107,8 @@ def status(overrides, params_file):
     """Show each stale stage and exactly why it is stale (and what killed runs left behind)."""
     proj = project(overrides, params_file=params_file)
     stale = proj.status()
+    for line in proj.idle_overrides():
+        click.echo(f"note: {line}")
     if not stale:
         click.echo("everything is up to date")
     for name, reasons in stale.items():

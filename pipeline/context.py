@@ -13,6 +13,10 @@ A stage module (``pipeline/stages/<name>.py``) defines:
   the outputs it reads (e.g. eval reads one split of `subset`); only those take part in its
   staleness and run-cache key, so a change elsewhere in that dep does not rerun the stage (a
   larger test subset does not retrain the LLM). Other deps count whole.
+- optionally ``inert(params: dict) -> dict[str, str]``: declared params (keys or whole sections) that these
+  params make irrelevant to the stage's outputs, each with why (train: `tca.alpha` under `train.loss: ntp`);
+  they stay out of its staleness and run-cache key, so setting one reruns nothing, and a `--set` of one
+  is reported as changing nothing.
 - optionally ``check_params(params: dict) -> None``: builds the typed config of every param section
   the stage reads (each config validates itself), raising TcaError on a bad value; the runner calls
   it for every stage before `run`, `--dry` or `status` does anything, so a new param slots in by

@@ -83,7 +83,7 @@ def apply_overrides(defaults: dict, assignments: list[str]) -> dict:
         key, sep, text = assignment.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise TcaError(f"--set {assignment!r}: expected key=value, e.g. --set train.alpha=0.3")
+            raise TcaError(f"--set {assignment!r}: expected key=value, e.g. --set tca.alpha=0.3")
         if key not in flat:
             raise _unknown(f"--set {key}", flat)
         _assign(tree, key, _coerce(key, text, flat[key]))

@@ -58,6 +58,11 @@ class Fingerprint:
         return hashlib.sha256(doc.encode()).hexdigest()[:24]
 
 
+def covered(key: str, names) -> bool:
+    """Whether param `key` is one of `names` or inside a section among them (`lora.r` in `lora`)."""
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
 SHARD_RECORD = "shard.json"  # in each shard folder: the key and range it was computed with
 
 
@@ -129,7 +134,8 @@ class Project:
         self.root = root.resolve()
         self.graph: Graph = load_graph(self.root / "stages.yaml")
         base = apply_file(self.graph.defaults, params_file) if params_file else self.graph.defaults
-        self.params = apply_overrides(base, list(overrides))  # --set wins over --params FILE
+        self.overrides = list(overrides)
+        self.params = apply_overrides(base, self.overrides)  # --set wins over --params FILE
         self.flat = flatten(self.params)
         self.device = device
         self.artifacts = self.root / "artifacts"
@@ -253,7 +259,28 @@ class Project:
             if not path.exists():
                 raise TcaError(f"stage `{stage.name}` reads {path}, which does not exist; check its params")
             deps[f"file:{path}"] = self._tree(path)
-        return Fingerprint(code=code, deps=deps, params=select(self.flat, list(stage.params)))
+        return Fingerprint(code=code, deps=deps, params=self.key_params(stage))
+
+    def key_params(self, stage: Stage) -> dict:
+        """The declared param values in the stage's lock entry and run-cache key: all but its inert ones."""
+        inert = self.inert(stage)
+        return {key: value for key, value in select(self.flat, list(stage.params)).items() if not covered(key, inert)}
+
+    def inert(self, stage: Stage) -> dict[str, str]:
+        """The stage's declared params that these params make irrelevant to its outputs, with why."""
+        hook = getattr(self.module(stage), "inert", None)
+        return hook(self.params) if hook else {}
+
+    def idle_overrides(self) -> list[str]:
+        """A line for each `--set` whose param no stage's outputs depend on under these params (every
+        stage declaring it reports it inert): setting it reruns nothing, which the user should hear."""
+        lines = []
+        for key in dict.fromkeys(assignment.partition("=")[0].strip() for assignment in self.overrides):
+            readers = [stage for stage in self.graph.stages.values() if covered(key, stage.params)]
+            why = [next((reason for name, reason in self.inert(stage).items() if covered(key, [name])), None) for stage in readers]
+            if readers and all(why):
+                lines.append(f"--set {key} changes nothing: {'; '.join(sorted(set(why)))}")
+        return lines
 
     def outputs(self, stage: Stage) -> dict[str, str | None]:
         folder = self.artifacts / stage.name
@@ -449,6 +476,8 @@ class Project:
             except TcaError as err:
                 tell(str(err))
                 raise
+            for line in self.idle_overrides():
+                log(f"note: {line}")
             tell(order)
             forced = set(order) if force and targets is None else set(targets or []) if force else set()
             ran: list[str] = []

@@ -189,6 +189,59 @@ def test_real_stages_read_parts_that_their_deps_write():
                      "eval": [["test.parquet"], ["valid.parquet"]]}
 
 
+STAGE_INERT = '''
+from pathlib import Path
+
+def inert(params):
+    return {"c.scale": "c.mode is copy, which does not scale"} if params["c"]["mode"] == "copy" else {}
+
+def run(ctx):
+    counter = Path(ctx.param("c.counter"))
+    counter.write_text(counter.read_text() + "c" if counter.exists() else "c")
+    text = (ctx.input("a") / "out.txt").read_text()
+    (ctx.out / "out.txt").write_text(text if ctx.param("c.mode") == "copy" else text * ctx.param("c.scale"))
+'''
+
+
+def test_a_param_the_stage_leaves_unread_reruns_nothing_and_says_so(tmp_path, monkeypatch):
+    counter = tmp_path / "counter"
+    root = make_project(tmp_path, {"a": {"entry": "{pkg}.a", "deps": [], "params": ["a"], "outs": ["out.txt", "other.txt"]},
+                                   "c": {"entry": "{pkg}.c", "deps": ["a"], "params": ["c"], "outs": ["out.txt"]}},
+                        {"a": STAGE_TWO_OUTS, "c": STAGE_INERT},
+                        {"a": {"factor": 2, "other": 1}, "c": {"counter": str(counter), "mode": "copy", "scale": 2}})
+    assert Project(root).run(log=quiet) == ["a", "c"]
+    assert "c.scale" not in yaml.safe_load((root / "stages.lock").read_text())["c"]["params"]
+    lines = []
+    assert Project(root, ["c.scale=3"]).status() == {} and Project(root, ["c.scale=3"]).run(log=lines.append) == []
+    assert "note: --set c.scale changes nothing: c.mode is copy, which does not scale" in lines and counter.read_text() == "c"
+    assert Project(root, ["a.factor=3"]).idle_overrides() == []
+    stale = Project(root, ["c.mode=repeat", "c.scale=3"]).status()   # now read: a change of it counts
+    assert stale == {"c": ["param c.mode: 'copy' -> 'repeat'", "param c.scale: '(unset)' -> 3"]}
+    assert Project(root, ["c.mode=repeat", "c.scale=3"]).idle_overrides() == []
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(cli.main, ["status", "--set", "c.scale=4"])
+    assert result.output == "note: --set c.scale changes nothing: c.mode is copy, which does not scale\neverything is up to date\n"
+
+
+def test_real_stages_leave_unread_what_their_params_make_irrelevant():
+    """train: tca.alpha under plain NTP, lora under full fine-tuning, seq2seq for the LLMs and the LLM's
+    settings for the T5s; eval and trie likewise for tiger / letter. Only these leave the keys."""
+    project = Project(REPO)
+    train, eval_, trie = (project.graph.stages[name] for name in ("train", "eval", "trie"))
+    ntp = Project(REPO, ["train.loss=ntp", "train.finetune=full"])
+    assert sorted(ntp.inert(train)) == ["lora", "seq2seq", "tca.alpha"] and ntp.inert(eval_) == ntp.inert(trie) == {}
+    assert "tca.alpha" not in ntp.key_params(train) and "lora.r" not in ntp.key_params(train)
+    assert "train.loss is ntp" in ntp.inert(train)["tca.alpha"]
+    tca = Project(REPO, ["train.loss=tca", "train.finetune=lora"])
+    assert sorted(tca.inert(train)) == ["seq2seq"] and tca.key_params(train)["tca.alpha"] == 0.1
+    sid = Project(REPO, ["train.backbone=tiger", "train.loss=tca"])
+    assert sorted(sid.inert(train)) == ["llm.attn_implementation", "lora", "prompt"]
+    assert sorted(sid.inert(eval_)) == ["llm.attn_implementation", "prompt"] and list(sid.inert(trie)) == ["prompt.target_template"]
+    assert "seq2seq.lr" in sid.key_params(train) and not any(k.startswith("prompt.") for k in sid.key_params(eval_))
+    notes = Project(REPO, ["train.loss=ntp", "tca.alpha=0.3", "lora.r=4", "train.lr=0.001"]).idle_overrides()
+    assert [line.split(":")[0] for line in notes] == ["--set tca.alpha changes nothing", "--set lora.r changes nothing"]
+
+
 def test_run_stage_refuses_stale_upstream_unless_asked(tmp_path):
     root = make_project(tmp_path)
     with pytest.raises(TcaError, match="upstream stage `a` is stale.*--upstream"):

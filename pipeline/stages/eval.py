@@ -77,6 +77,16 @@ def reads(params: dict) -> dict[str, list[str]]:
     return {"subset": [f"{params['eval'].get('split', 'test')}.parquet"]}
 
 
+def inert(params: dict) -> dict[str, str]:
+    """tiger / letter decode SIDs with their T5: the LLM's prompt and attention are unread."""
+    from tca.sid import SID_BACKBONES
+
+    backbone = params["train"]["backbone"]
+    if backbone not in SID_BACKBONES:
+        return {}
+    return {name: f"train.backbone {backbone} decodes semantic IDs with its T5, not the LLM" for name in ("prompt", "llm.attn_implementation")}
+
+
 def check_params(params: dict) -> None:
     from tca.llm.prompt import PromptConfig
 

@@ -93,6 +93,23 @@ def reads(params: dict) -> dict[str, list[str]]:
     return {"subset": ["train.parquet", *(["valid.parquet"] if params["train"]["eval_every"] else [])]}
 
 
+def inert(params: dict) -> dict[str, str]:
+    """The declared params these params leave unread (a change of one would retrain an identical model)."""
+    from tca.sid import SID_BACKBONES
+
+    backbone, unread = params["train"]["backbone"], {}
+    if backbone in SID_BACKBONES:
+        for name in ("lora", "prompt", "llm.attn_implementation"):
+            unread[name] = f"train.backbone {backbone} trains a T5 over semantic IDs (the seq2seq section), not the LLM"
+    else:
+        unread["seq2seq"] = f"train.backbone {backbone} fine-tunes the LLM; seq2seq configures the tiger / letter T5"
+        if params["train"]["finetune"] == "full":
+            unread["lora"] = "train.finetune is full (every weight trains, no adapter); add --set train.finetune=lora for LoRA"
+    if params["train"]["loss"] == "ntp":
+        unread["tca.alpha"] = "train.loss is ntp, which has no soft labels; add --set train.loss=tca (TCA) or kl"
+    return unread
+
+
 def check_params(params: dict) -> None:
     """Every section the stage reads, as the typed configs `run` builds."""
     from tca.llm.model import LoraSettings

@@ -14,6 +14,12 @@ from tca.sid import SID_BACKBONES
 from tca.collab.trie import Trie, build_trie, target_ids
 
 
+def inert(params: dict) -> dict[str, str]:
+    """tiger / letter: the trie is the sid stage's, so the title template is unread."""
+    backbone = params["train"]["backbone"]
+    return {"prompt.target_template": f"train.backbone {backbone} decodes semantic IDs, not titles"} if backbone in SID_BACKBONES else {}
+
+
 def check_params(params: dict) -> None:
     from tca.llm.prompt import PromptConfig
 
