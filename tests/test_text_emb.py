@@ -56,6 +56,10 @@ def test_stage_writes_a_padded_table_and_inspects(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(table[1:], embed_texts(TITLES[:5], tiny_model_dir), atol=1e-5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["n_items"] == 5 and meta["dim"] == 32
+    again = root / "again"   # a rerun (e.g. for another reader) writes the same bytes: nothing below it reruns
+    again.mkdir()
+    stage.run(StageContext("text_emb", params, again, root, "cpu"))
+    assert all((out / name).read_bytes() == (again / name).read_bytes() for name in ("items.npy", "meta.json"))
     text = stage.inspect(out, params)
     assert "6 x 32" in text and "Toy Story (1995)  ->  " in text
 
