@@ -287,7 +287,7 @@ def test_repo_experiments_resolve_against_stages_yaml():
     """Every variant of experiments.yaml names known params with well-typed values; the rows
     the paper's tables need are there."""
     experiments = load_experiments(experiment_file(REPO))
-    assert list(experiments) == ["main", "sid", "ablation", "recipe", "steps", "loss", "alpha", "cf_swap", "cf_size"]
+    assert list(experiments) == ["main", "sid", "sid_epochs", "ablation", "recipe", "steps", "loss", "alpha", "cf_swap", "cf_size"]
     for exp in experiments.values():
         for variant in exp.variants:
             Project(REPO, [*exp.shared, *variant.overrides])
@@ -306,6 +306,8 @@ def test_repo_experiments_resolve_against_stages_yaml():
     assert params("main", "BERT4Rec") == params("cf_swap", "TCA (BERT4Rec)")
     assert params("main", "MSL+TCA") == params("ablation", "TCA") == params("cf_size", "TCA 100%")
     assert params("sid", "SASRec") == params("sid", "TIGER")
+    assert experiments["sid_epochs"].select == "ndcg@10"   # its 12-epoch point is sid's TIGER row on a larger valid subset
+    assert params("sid_epochs", "seq2seq.epochs=12") == {**params("sid", "TIGER"), "subset.valid": 1000}
     # the recipe's first point is the default recipe, on the larger valid subset it chooses by
     assert experiments["recipe"].select == "ndcg@10"
     default = {**Project(REPO, []).flat, "subset.valid": 500}
