@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 
 import yaml
@@ -71,8 +72,14 @@ def _assign(tree: dict, key: str, value) -> None:
 
 
 def _unknown(what: str, flat: dict) -> TcaError:
+    """Names the params the user likely meant first (the same last part, `train.alpha` -> `tca.alpha`, or a
+    close spelling), then every valid one."""
+    key = what.split()[-1]
+    leaf = key.rsplit(".", 1)[-1]
+    near = [k for k in sorted(flat) if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, sorted(flat), 3)
+    hint = f"; did you mean {' or '.join(near)}?" if near else "."
     valid = "\n  ".join(sorted(flat))
-    return TcaError(f"{what}: unknown param.\nValid params:\n  {valid}")
+    return TcaError(f"{what}: unknown param{hint}\nValid params:\n  {valid}")
 
 
 def apply_overrides(defaults: dict, assignments: list[str]) -> dict:

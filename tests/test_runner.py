@@ -322,7 +322,9 @@ def test_set_validation(tmp_path):
     root = make_project(tmp_path)
     with pytest.raises(TcaError) as err:
         Project(root, ["a.facter=3"])
-    assert "unknown param" in str(err.value) and "a.factor" in str(err.value) and "b.suffix" in str(err.value)
+    assert "unknown param; did you mean a.factor" in str(err.value) and "b.suffix" in str(err.value)
+    with pytest.raises(TcaError, match=r"--set train.alpha: unknown param; did you mean lora.alpha or tca.alpha\?"):
+        Project(REPO, ["train.alpha=0.3"])   # DESIGN.md's example: the param is tca.alpha
     with pytest.raises(TcaError, match="expected an integer"):
         Project(root, ["a.factor=0.5"])
     with pytest.raises(TcaError, match="key=value"):

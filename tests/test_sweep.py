@@ -166,10 +166,10 @@ def test_variants_that_cannot_run_are_reported_and_the_rest_run(tmp_path):
     lines = []
     outcomes = run_variants(root, "mixed", variants, base=["cf.size=3"], log=lines.append)
     errors = {o.variant.name: o.error for o in outcomes}
-    assert errors["typo"] == "--set train.alpah: unknown param."
+    assert errors["typo"] == "--set train.alpah: unknown param; did you mean train.alpha?"
     assert errors["refused"] == "train.alpha must be >= 0"
     assert errors["fine"] is None and errors["teacher"] is None
-    assert "not runnable: typo: --set train.alpah: unknown param." in lines
+    assert "not runnable: typo: --set train.alpah: unknown param; did you mean train.alpha?" in lines
     assert "[1/3] refused: not runnable: train.alpha must be >= 0" in lines
     found = records(root, "mixed")
     assert sorted(found) == ["fine", "teacher"]
