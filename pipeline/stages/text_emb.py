@@ -49,9 +49,9 @@ def run(ctx: StageContext) -> None:
     table[1:] = vectors
     np.save(ctx.out / "items.npy", table)
     config = json.loads((ctx.input("model") / "config.json").read_text())
+    # no timing in meta.json: a rerun for another reader (tiger -> letter) writes the same bytes, so `cf` stays up to date
     meta = {"n_items": n, "dim": int(vectors.shape[1]), "model": config.get("_name_or_path") or config["architectures"][0],
-            "pooling": "mean of the last hidden states over the title tokens, L2-normalized", "text": "title"}  # no timing: a rerun
-    # for another tiger / letter / alpharec reader writes the same bytes, and `cf` below stays up to date
+            "pooling": "mean of the last hidden states over the title tokens, L2-normalized", "text": "title"}
     (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     ctx.log(f"wrote items.npy [{n + 1}, {vectors.shape[1]}] in {seconds:.1f} s")
 
